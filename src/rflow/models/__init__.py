@@ -1,0 +1,1 @@
+"""Model definitions (PyTorch modules) whose attribute names match the reference checkpoints."""
