@@ -21,10 +21,16 @@ def tiny_transformer(*, guidance=True, depth=2, depth_single=2, heads=2, head_di
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
         pooled_projection_dim=pooled_dim, guidance_embeds=guidance, axes_dims_rope=list(axes),
     )
-    # Random init leaves the adaLN/out layers near zero in some versions; make every weight matter.
+    # Gain-1 random weights (std 1/sqrt(fan_in)) and non-trivial biases and norm scales, so every
+    # parameter matters and activations stay O(1) as in a trained model.
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+            elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or "norm_added" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
     return model.eval()
 
 

@@ -1,0 +1,351 @@
+"""Text-to-image and img2img with a FLUX.1-family model: ``rflow.load(...)`` -> :class:`Pipeline`.
+
+A pipeline is three parts — transformer, VAE, text encoders — plus the sigma schedule the model was
+trained for. ``generate`` works in the normalised latent space the transformer sees: ``noise`` and the
+``output_type="latent"`` result are (B, C, H/f, W/f) tensors there, equal to diffusers FluxPipeline's
+latents, unpacked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import sampling
+from .checkpoints.flux import FluxCheckpoint, load_flux
+from .checkpoints.io import read_json
+from .checkpoints.vae import load_vae
+from .errors import UserError
+from .models.flux import Flux, image_ids, pack, text_ids, unpack
+from .models.text import TextEncoders, find_text_encoders, load_text_encoders
+
+OUTPUT_TYPES = ("pil", "latent", "pt", "np")
+
+
+@dataclass
+class Schedule:
+    """How sigmas are spaced for a model: ``rflow.sampling.get_sigmas`` arguments."""
+
+    kind: str = "flux"  # "flux" (resolution-dependent shift) | "static" | "none"
+    shift: float | None = None
+
+    def sigmas(self, steps: int, image_seq_len: int) -> Tensor:
+        return sampling.get_sigmas(steps, schedule=self.kind, image_seq_len=image_seq_len, shift=self.shift)
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "Schedule":
+        if cfg.get("use_dynamic_shifting"):
+            return cls("flux")
+        shift = float(cfg.get("shift", 1.0))
+        return cls("none") if shift == 1.0 else cls("static", shift)
+
+
+@dataclass
+class Pipeline:
+    transformer: Flux
+    vae: torch.nn.Module
+    text_encoders: TextEncoders
+    schedule: Schedule = field(default_factory=Schedule)
+    default_size: tuple[int, int] = (1024, 1024)  # (width, height)
+    name: str = "flux1"
+    max_sequence_length: int = 512  # T5 tokens, FLUX.1's default
+    fingerprint: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downscale factor × the 2×2 patch."""
+        return self.vae.downscale_factor * 2
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
+        return self.text_encoders.encode(prompts, max_sequence_length)
+
+    def velocity_fn(self, txt: Tensor, vec: Tensor, guidance: float | None, neg: tuple[Tensor, Tensor] | None = None,
+                    cfg: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+        """``velocity(x, t)`` over unpacked latents, with distilled guidance and optional true CFG."""
+        model = self.transformer
+        dev = self.device
+        tids = text_ids(txt.shape[1], dev)
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            B, _, h, w = x.shape
+            img, iids = pack(x), image_ids(h, w, dev)
+            tvec = torch.full((B,), float(t), device=dev)
+            gvec = torch.full((B,), float(guidance), device=dev) if model.config.guidance_embed else None
+            with torch.no_grad():
+                v = model(img, iids, txt, tids, tvec, vec, gvec)
+                if neg is not None:
+                    v_neg = model(img, iids, neg[0], text_ids(neg[0].shape[1], dev), tvec, neg[1], gvec)
+                    v = v_neg + cfg * (v - v_neg)
+            return unpack(v, h, w)
+
+        return velocity
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 28,
+        guidance: float = 3.5,
+        cfg: float = 1.0,
+        seed: int = 0,
+        solver: str = "euler",
+        noise: Tensor | None = None,
+        image: Image.Image | Tensor | str | os.PathLike | None = None,
+        strength: float = 1.0,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        callback: Callable[[int, int, Tensor], None] | None = None,
+    ):
+        """Generate images. ``width``/``height`` default to the model's native size (1024 for FLUX.1),
+        ``max_sequence_length`` to the model's T5 length (512 for FLUX.1).
+
+        ``guidance`` feeds the distilled-guidance embedder (if the model has one); ``cfg > 1`` runs true
+        CFG against ``negative_prompt`` (empty prompt if none); ``image`` + ``strength`` is img2img.
+        Returns a list of PIL images, or a tensor for ``output_type`` "latent" (normalised latents),
+        "pt" (B, 3, H, W in [0, 1]) or "np" (B, H, W, 3 uint8 array).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompt must be a string or a non-empty list of strings")
+        B = len(prompts)
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
+        if solver not in sampling.SOLVERS:
+            raise UserError(f"unknown solver {solver!r}; choose from {', '.join(sampling.SOLVERS)}")
+        if steps < 1:
+            raise UserError(f"steps must be ≥ 1, got {steps}")
+        if cfg < 1.0:
+            raise UserError(f"cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
+        width, height = width or self.default_size[0], height or self.default_size[1]
+        m = self.size_multiple
+        if width <= 0 or height <= 0 or width % m or height % m:
+            raise UserError(f"size {width}x{height} is not a positive multiple of {m} for this model")
+        f = self.vae.downscale_factor
+        shape = (B, self.latent_channels, height // f, width // f)
+        dev = self.device
+
+        if noise is None:
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        elif tuple(noise.shape) != shape:
+            raise UserError(f"noise has shape {tuple(noise.shape)}, expected {shape} for {B} prompt(s) at {width}x{height}")
+        noise = noise.to(dev, torch.float32)
+
+        max_sequence_length = max_sequence_length or self.max_sequence_length
+        txt, vec = self.encode_prompt(prompts, max_sequence_length)
+        neg = None
+        if cfg > 1.0:
+            negs = [negative_prompt or ""] * B if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negs) != B:
+                raise UserError(f"{len(negs)} negative prompts for {B} prompts: give one, or one per prompt")
+            neg = self.encode_prompt(negs, max_sequence_length)
+        elif negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != B:
+            raise UserError(f"{len(negative_prompt)} negative prompts for {B} prompts: give one, or one per prompt")
+
+        sigmas = self.schedule.sigmas(steps, image_seq_len=(shape[2] // 2) * (shape[3] // 2))
+        x = noise
+        if image is not None:
+            if not 0.0 < strength <= 1.0:
+                raise UserError(f"strength must be in (0, 1], got {strength}")
+            # as diffusers' img2img: skip the first steps·(1 − strength) steps (always leaves ≥ 1)
+            start = int(max(steps - min(steps * strength, steps), 0))
+            sigmas = sigmas[start:]
+            x0 = self.encode_image(image, width, height).expand(B, -1, -1, -1)
+            s0 = float(sigmas[0])
+            x = s0 * noise + (1.0 - s0) * x0
+        velocity = self.velocity_fn(txt, vec, guidance, neg, cfg)
+        latent = sampling.sample(velocity, x, sigmas.to(dev), solver, callback=callback)
+        if output_type == "latent":
+            return latent
+        return self.decode(latent, output_type)
+
+    @torch.no_grad()
+    def encode_image(self, image, width: int, height: int) -> Tensor:
+        """An image (PIL, path, or (1|B, 3, H, W) tensor in [0, 1]) -> normalised latent."""
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise UserError(f"{image}: cannot read image ({e})") from None
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+            image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255.0
+        elif isinstance(image, Tensor):
+            if image.ndim == 3:
+                image = image[None]
+            image = torch.nn.functional.interpolate(image.float(), size=(height, width), mode="bilinear", antialias=True) if image.shape[-2:] != (height, width) else image.float()
+        else:
+            raise UserError(f"image must be a PIL image, a path or a tensor, not {type(image).__name__}")
+        return self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).float()
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor, output_type: str = "pil"):
+        img = self.vae.decode(latent.to(self.vae.dtype)).float()
+        img = ((img + 1) / 2).clamp(0, 1)
+        if output_type == "pt":
+            return img
+        arr = (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return arr if output_type == "np" else [Image.fromarray(a) for a in arr]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _resolve(path: Path, text_encoders, vae) -> tuple[Path, Path, Path, Schedule | None]:
+    """(transformer path, VAE path, text-encoder dir, schedule from scheduler config if any)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    schedule = None
+    if path.is_dir() and (path / "model_index.json").exists():
+        root, transformer = path, path / "transformer"
+        if not transformer.is_dir():
+            raise UserError(f"{path}: diffusers folder without a transformer/ component")
+    else:
+        transformer = path
+        root = path.parent  # the folder a single file or a transformer/ folder lives in
+    sched_cfg = root / "scheduler" / "scheduler_config.json"
+    if sched_cfg.exists():
+        schedule = Schedule.from_diffusers(read_json(sched_cfg))
+    if vae is None:
+        for cand in (root / "vae", root / "ae.safetensors"):
+            if cand.exists():
+                vae = cand
+                break
+        else:
+            raise UserError(f"no VAE found next to {path}: pass vae=PATH (ae.safetensors or a diffusers vae/ folder)")
+    te = find_text_encoders(text_encoders, root)
+    if te is None:
+        where = text_encoders or root
+        raise UserError(f"no text encoders in {where}: pass text_encoders=DIR holding text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
+    return transformer, Path(vae), te, schedule
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    text_encoders: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Pipeline:
+    """Load a FLUX.1-family pipeline.
+
+    ``path``: a diffusers pipeline folder (``model_index.json``), a diffusers ``transformer/`` folder,
+    or a single transformer file (BFL ``flux1-dev.safetensors``, ComfyUI prefixes). The VAE and text
+    encoders are found next to it (``ae.safetensors`` or ``vae/``; ``text_encoder/`` … ``tokenizer_2/``)
+    unless ``vae`` / ``text_encoders`` point elsewhere. ``device`` defaults to CUDA when available,
+    ``dtype`` to bfloat16 on CUDA and float32 on CPU.
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    dtype = dtype or default_dtype(dev)
+    if path is None:
+        from .tiny import DEFAULT_MODEL_DIR
+
+        if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
+            raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR})")
+        path = DEFAULT_MODEL_DIR
+    if (Path(path) / MANIFEST).exists():
+        return load_rflow_pipeline(Path(path), device=dev, dtype=dtype)
+    transformer_path, vae_path, te_path, schedule = _resolve(Path(path).expanduser(), text_encoders, vae)
+    model, info = load_flux(transformer_path, device=dev, dtype=dtype)
+    with FluxCheckpoint(transformer_path) as ck:
+        fingerprint = ck.fingerprint()
+    if schedule is None:
+        schedule = Schedule("flux") if info.config.guidance_embed else Schedule("none")
+    vae_model = load_vae(vae_path, device=dev, dtype=dtype)
+    te = load_text_encoders(te_path, device=dev, dtype=dtype)
+    return Pipeline(model, vae_model, te, schedule, name=info.family, fingerprint=fingerprint)
+
+
+MANIFEST = "rflow_pipeline.json"
+PIPELINE_FORMAT_VERSION = 1
+
+
+def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                  extra: dict | None = None) -> Path:
+    """Write ``pipe`` as an rflow pipeline folder (``rflow_pipeline.json`` + ``transformer.safetensors``
+    with BFL keys + text encoders in the diffusers layout), replacing ``path`` atomically."""
+    import json
+    import shutil
+
+    from .checkpoints.flux import CONFIG_METADATA_KEY
+    from .checkpoints.io import save_safetensors
+
+    if not hasattr(pipe.vae, "to_config"):
+        raise UserError("only pipelines with a parameter-free codec can be saved as rflow pipeline folders")
+    dst = Path(path)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = pipe.transformer.config
+    sd = {k: v.detach().to("cpu", dtype) for k, v in pipe.transformer.state_dict().items()}
+    save_safetensors(sd, tmp / "transformer.safetensors",
+                     {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(cfg.axes_dim), "theta": cfg.theta})})
+    te = pipe.text_encoders
+    for sub, obj in (("text_encoder", te.clip), ("tokenizer", te.clip_tokenizer), ("text_encoder_2", te.t5), ("tokenizer_2", te.t5_tokenizer)):
+        obj.save_pretrained(tmp / sub)
+    manifest = {
+        "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
+        "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
+        "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length, **(extra or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    from .models.codec import PixelUnshuffleCodec
+
+    m = read_json(path / MANIFEST)
+    if m.get("format") != "rflow-pipeline" or not isinstance(m.get("version"), int):
+        raise UserError(f"{path / MANIFEST}: not an rflow pipeline manifest")
+    if m["version"] > PIPELINE_FORMAT_VERSION:
+        raise UserError(f"{path}: pipeline format version {m['version']} is newer than this rflow reads ({PIPELINE_FORMAT_VERSION})")
+    model, info = load_flux(path / "transformer.safetensors", device=device, dtype=dtype)
+    with FluxCheckpoint(path / "transformer.safetensors") as ck:
+        fingerprint = ck.fingerprint()
+    codec = PixelUnshuffleCodec.from_config(m.get("codec", {})).to(device)
+    te = load_text_encoders(path, device=device, dtype=dtype)
+    sched = m.get("schedule", {})
+    return Pipeline(model, codec, te, Schedule(sched.get("kind", "flux"), sched.get("shift")),
+                    default_size=tuple(m.get("default_size", (1024, 1024))), name=m.get("name", "rflow"),
+                    max_sequence_length=int(m.get("max_sequence_length", 512)), fingerprint=fingerprint)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; choose from fp32, bf16, fp16") from None
