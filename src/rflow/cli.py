@@ -81,8 +81,15 @@ def generate(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .pipeline import load
+    from .sampling import SOLVERS
 
     width, height = parse_size(size) if size else (None, None)
+    if solver not in SOLVERS:  # checked before loading, which can take minutes for FLUX.1-dev
+        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if steps < 1:
+        raise UserError(f"--steps must be ≥ 1, got {steps}")
+    if cfg < 1:
+        raise UserError(f"--cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
     if batch < 1:
         raise UserError(f"--batch must be ≥ 1, got {batch}")
     if image is not None and not image.exists():
@@ -121,8 +128,98 @@ def generate(
                   + (f"Denoising strength: {strength}, " if image else "")
                   + f"Version: rflow {__version__}")
         atomic_write_bytes(path, png_bytes(img, params, {**settings, "batch_index": i}))
-        out.print(str(path))
+        print(path)
     console.print(f"{batch} image(s) {width}x{height}, {steps} steps in {elapsed:.2f} s")
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="rflow-tiny pipeline folder (default: the embedded model)"),
+    prompts: int = typer.Option(200, "--prompts", help="prompts from the training grammar"),
+    heldout: int = typer.Option(50, "--heldout", help="prompts with held-out colour×shape pairs (0: skip)"),
+    steps: int = typer.Option(20, "--steps"),
+    solver: str = typer.Option("euler", "--solver"),
+    seed: int = typer.Option(0, "--seed"),
+    guidance: float = typer.Option(3.5, "--guidance"),
+    cfg: float = typer.Option(1.0, "--cfg"),
+    grid: Path = typer.Option(Path("eval-grid.png"), "-o", "--grid", help="sample grid PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    device: Optional[str] = typer.Option(None, "--device"),
+):
+    """Score a model's adherence to shapes-world prompts: overall, per attribute, held-out pairs."""
+    from . import shapes
+    from .checkpoints.io import atomic_write_bytes
+    from .evaluate import evaluate
+    from .pipeline import load
+
+    if prompts < 1 or heldout < 0 or steps < 1:
+        raise UserError("--prompts and --steps must be ≥ 1, --heldout ≥ 0")
+    if grid.suffix.lower() != ".png" or not grid.parent.exists():
+        raise UserError(f"{grid}: grid must be a .png in an existing directory")
+    pipe = load(model, device=device)
+    res = evaluate(pipe, n=prompts, heldout=heldout, steps=steps, solver=solver, seed=seed, guidance=guidance, cfg=cfg)
+    k = min(len(res.images), 32)
+    buf = io.BytesIO()
+    shapes.grid(res.images[:k], res.prompts[:k], cols=8).save(buf, format="PNG")
+    atomic_write_bytes(grid, buf.getvalue())
+    summary = {"model": pipe.name, "model_hash": pipe.fingerprint, "steps": steps, "solver": solver, "seed": seed,
+               "guidance": guidance, "cfg": cfg, **res.summary()}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        t = Table(title=f"{pipe.name} · {solver} · {steps} steps")
+        t.add_column("prompts")
+        t.add_column("adherence", justify="right")
+        for a in res.report.accuracy:
+            t.add_column(a, justify="right")
+        t.add_row(f"grammar ({len(res.prompts)})", f"{res.report.adherence:.3f}", *(f"{v:.3f}" for v in res.report.accuracy.values()))
+        if res.heldout_report:
+            hr = res.heldout_report
+            t.add_row(f"held-out pairs ({len(res.heldout_prompts)})", f"{hr.adherence:.3f}", *(f"{v:.3f}" for v in hr.accuracy.values()))
+        out.print(t)
+        print(f"grid: {grid}")
+
+
+@app.command()
+def train(
+    output: Path = typer.Option(..., "-o", "--output", help="run folder: train_state.safetensors, model/"),
+    full: bool = typer.Option(False, "--full", help="train the whole model from scratch (rflow-tiny on the shapes world)"),
+    steps: int = typer.Option(5000, "--steps"),
+    batch: int = typer.Option(32, "--batch"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed", help="data and noise seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUTPUT exactly where it stopped"),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
+    device: Optional[str] = typer.Option(None, "--device"),
+):
+    """Train rflow-tiny from scratch (flow matching, AdamW, EMA); atomic checkpoints, exact resume."""
+    import time
+
+    from . import tiny
+    from .train.full import TrainConfig, Trainer
+
+    if not full:
+        raise UserError("only full training (--full) is available in this version")
+    if steps < 1 or batch < 1 or lr <= 0 or checkpoint_every < 1:
+        raise UserError("--steps, --batch, --checkpoint-every must be ≥ 1 and --lr > 0")
+    cfg = TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    pipe = tiny.build(seed=cfg.model_seed)
+    if device:
+        pipe.transformer.to(device), pipe.text_encoders.to(device), pipe.vae.to(device)
+    trainer = Trainer(pipe, cfg, output)
+    t0 = time.perf_counter()
+
+    def progress(row):
+        if row["step"] % 50 == 0 or row["step"] == cfg.steps:
+            recent = [r["loss"] for r in trainer.log[-50:]]
+            console.print(f"step {row['step']}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+                          f"lr {row['lr']:.2e} {time.perf_counter() - t0:.0f}s", highlight=False)
+
+    result = trainer.run(resume=resume, progress=progress)
+    command = f"rflow train --full -o {output} --steps {steps} --batch {batch} --lr {lr} --seed {seed}"
+    path = trainer.export(Path(output) / "model", extra={"training": {
+        "command": command, "steps": result["step"], "seed": seed, "final_loss": result["loss"]}})
+    print(path)
 
 
 @app.command()

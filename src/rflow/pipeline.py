@@ -271,10 +271,13 @@ def load(
         path = DEFAULT_MODEL_DIR
     if (Path(path) / MANIFEST).exists():
         return load_rflow_pipeline(Path(path), device=dev, dtype=dtype)
-    transformer_path, vae_path, te_path, schedule = _resolve(Path(path).expanduser(), text_encoders, vae)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    with FluxCheckpoint(p / "transformer" if (p / "model_index.json").exists() else p) as ck:
+        fingerprint = ck.fingerprint()  # also validates the transformer before looking for its companions
+    transformer_path, vae_path, te_path, schedule = _resolve(p, text_encoders, vae)
     model, info = load_flux(transformer_path, device=dev, dtype=dtype)
-    with FluxCheckpoint(transformer_path) as ck:
-        fingerprint = ck.fingerprint()
     if schedule is None:
         schedule = Schedule("flux") if info.config.guidance_embed else Schedule("none")
     vae_model = load_vae(vae_path, device=dev, dtype=dtype)

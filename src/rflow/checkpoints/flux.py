@@ -229,8 +229,11 @@ class FluxCheckpoint:
         self.path = p
         self.files: SafetensorsFiles = open_weights(p)
         keys = self.files.keys()
-        self.format, prefix = detect_format(keys)
-        self.plan = diffusers_plan(keys) if self.format == "diffusers" else _bfl_plan(keys, prefix)
+        try:
+            self.format, prefix = detect_format(keys)
+            self.plan = diffusers_plan(keys) if self.format == "diffusers" else _bfl_plan(keys, prefix)
+        except UserError as e:
+            raise UserError(f"{p}: {e}") from None
         overrides = {}
         if CONFIG_METADATA_KEY in self.files.metadata:
             try:

@@ -62,12 +62,19 @@ def load_text_encoders(path: str | os.PathLike, *, device=None, dtype: torch.dty
         raise UserError(f"{root}: not a text-encoder directory (missing {', '.join(c + '/' for c in missing)})")
 
     def model(cls, sub):
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # keep stderr for rflow's own messages
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 m = cls.from_pretrained(root / sub, dtype=dtype, local_files_only=True, use_safetensors=True)
         except OSError as e:
             raise UserError(f"{root / sub}: cannot load {cls.__name__} ({str(e).splitlines()[0][:160]})") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         return m.to(device) if device is not None else m
 
     def tokenizer(sub):
