@@ -1,0 +1,1 @@
+"""Training: full training from scratch (``full``); LoRA fine-tuning comes later."""
