@@ -57,6 +57,9 @@ class Pipeline:
     name: str = "flux1"
     max_sequence_length: int = 512  # T5 tokens, FLUX.1's default
     fingerprint: str = ""
+    # What the transformer outputs: "velocity" (FLUX.1: v = noise − x0) or "data" (x0, as rflow-tiny,
+    # whose pixel-patch tokens are as wide as its hidden size); "data" is turned into v = (x_t − x0)/t here.
+    prediction: str = "velocity"
 
     @property
     def device(self) -> torch.device:
@@ -87,13 +90,19 @@ class Pipeline:
             tvec = torch.full((B,), float(t), device=dev)
             gvec = torch.full((B,), float(guidance), device=dev) if model.config.guidance_embed else None
             with torch.no_grad():
-                v = model(img, iids, txt, tids, tvec, vec, gvec)
+                v = self.to_velocity(model(img, iids, txt, tids, tvec, vec, gvec), img, tvec)
                 if neg is not None:
-                    v_neg = model(img, iids, neg[0], text_ids(neg[0].shape[1], dev), tvec, neg[1], gvec)
+                    v_neg = self.to_velocity(model(img, iids, neg[0], text_ids(neg[0].shape[1], dev), tvec, neg[1], gvec), img, tvec)
                     v = v_neg + cfg * (v - v_neg)
             return unpack(v, h, w)
 
         return velocity
+
+    def to_velocity(self, out: Tensor, x_t: Tensor, t: Tensor, min_t: float = 1e-4) -> Tensor:
+        """The transformer's output as a velocity (identity for velocity-predicting models)."""
+        if self.prediction == "velocity":
+            return out
+        return (x_t.to(out.dtype) - out) / t.to(out.dtype).clamp_min(min_t).view(-1, 1, 1)
 
     def generate(
         self,
@@ -315,7 +324,8 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype
     manifest = {
         "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
         "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
-        "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length, **(extra or {}),
+        "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length,
+        "prediction": pipe.prediction, **(extra or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -342,7 +352,14 @@ def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype)
     sched = m.get("schedule", {})
     return Pipeline(model, codec, te, Schedule(sched.get("kind", "flux"), sched.get("shift")),
                     default_size=tuple(m.get("default_size", (1024, 1024))), name=m.get("name", "rflow"),
-                    max_sequence_length=int(m.get("max_sequence_length", 512)), fingerprint=fingerprint)
+                    max_sequence_length=int(m.get("max_sequence_length", 512)), fingerprint=fingerprint,
+                    prediction=_prediction(m.get("prediction", "velocity")))
+
+
+def _prediction(kind: str) -> str:
+    if kind not in ("velocity", "data"):
+        raise UserError(f"unknown model prediction type {kind!r} (velocity or data)")
+    return kind
 
 
 def parse_dtype(name: str) -> torch.dtype:

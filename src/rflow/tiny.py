@@ -4,6 +4,12 @@ Same code path as FLUX.1-dev (the :class:`~rflow.models.flux.Flux` class, guidan
 included), with tiny random frozen CLIP and T5 encoders from transformers over a word-level
 tokenizer, and a pixel-unshuffle codec (factor 4: 64×64 RGB -> 48×16×16 latent -> 64 tokens).
 It is trained by ``rflow train --full`` and shipped inside the package as the default model.
+
+Its transformer predicts the clean image x0 rather than the velocity: each token is an 8×8×3 pixel
+patch (192 values) as wide as the hidden size, and in that regime a network that must output noise
+(or velocity) learns far worse than one that outputs data, which lies on a low-dimensional manifold.
+The pipeline turns x0 into v = (x_t − x0)/t at its boundary, so solvers, analysis and pruning see the
+same velocity interface as FLUX.1.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ def build(seed: int = 0, **config_kw):
     codec = PixelUnshuffleCodec(factor=config_kw.get("codec_factor", 4))
     return Pipeline(model.eval().requires_grad_(False), codec, build_text_encoders(seed), Schedule("flux"),
                     default_size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), name="rflow-tiny",
-                    max_sequence_length=MAX_SEQUENCE_LENGTH)
+                    max_sequence_length=MAX_SEQUENCE_LENGTH, prediction="data")
 
 
 def init_weights_(model: Flux) -> None:

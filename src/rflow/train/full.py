@@ -1,6 +1,7 @@
 """Full training of a FLUX-architecture model from scratch on the captioned-shapes world.
 
-Flow-matching loss (predict v = noise − x0 at x_t = (1−t)·x0 + t·noise, t logit-normal), AdamW with
+Flow-matching loss (the velocity v = noise − x0 at x_t = (1−t)·x0 + t·noise, t logit-normal; a
+data-predicting model's x0 is turned into v first), AdamW with
 linear warm-up and cosine decay, an EMA of the weights, caption dropout (so true CFG works), bf16
 autocast on CUDA. Everything random in step ``k`` is drawn from generators seeded by (seed, k), so a
 run resumed from a checkpoint continues exactly as if it had never stopped.
@@ -47,6 +48,7 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     guidance_range: tuple[float, float] = (1.0, 5.0)
+    t_floor: float = 0.05
     seed: int = 0
     checkpoint_every: int = 250
     model_seed: int = 0
@@ -118,8 +120,11 @@ class Trainer:
         xt = (1 - tb) * x0 + tb * noise
         h, w = x0.shape[-2:]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = self.model(pack(xt), image_ids(h, w, dev), txt.to(dev), text_ids(txt.shape[1], dev), t, vec.to(dev), guidance)
-        return F.mse_loss(pred.float(), pack(noise - x0))
+            out = self.model(pack(xt), image_ids(h, w, dev), txt.to(dev), text_ids(txt.shape[1], dev), t, vec.to(dev), guidance)
+        # the loss is on the velocity whatever the model outputs; a data-predicting model's division by t
+        # is clamped at t_floor so near-clean samples do not dominate
+        v = pipe.to_velocity(out.float(), pack(xt), t, min_t=cfg.t_floor)
+        return F.mse_loss(v, pack(noise - x0))
 
     def train_step(self) -> float:
         cfg = self.cfg
