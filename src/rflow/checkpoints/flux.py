@@ -149,7 +149,8 @@ def diffusers_plan(keys: list[str]) -> Plan:
 
 
 def _bfl_plan(keys: list[str], prefix: str) -> Plan:
-    return {k[len(prefix) :]: ([k], _one) for k in keys if k.startswith(prefix)}
+    """BFL keys as they are; rflow's own bookkeeping tensors (``rflow.*``, e.g. pruning indices) are skipped."""
+    return {k[len(prefix) :]: ([k], _one) for k in keys if k.startswith(prefix) and not k.startswith("rflow.")}
 
 
 def _plan_shapes(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
