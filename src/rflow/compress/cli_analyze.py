@@ -1,0 +1,232 @@
+"""CLI commands of the compression workbench (analyze); registered on the main app by rflow.cli.
+
+``rflow analyze`` counts how often every MLP unit fires over a workload and writes the statistics;
+``rflow stats merge`` sums statistics files exactly; ``rflow stats show`` prints the per-layer summary
+and can draw the firing-frequency heatmap. ``rflow analyze`` runs under ``torchrun``: with
+``WORLD_SIZE`` > 1 it joins a process group (NCCL on CUDA, else gloo), each rank samples its share
+of the workload, and rank 0 writes the merged file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import UserError
+
+console = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = "model: rflow pipeline folder, BFL/ComfyUI .safetensors or diffusers folder (default: the embedded rflow-tiny)"
+
+stats_app = typer.Typer(no_args_is_help=True, help="Activation statistics files: merge them, show what they say.")
+
+
+def register(app) -> None:
+    app.command("analyze")(analyze_command)
+    app.add_typer(stats_app, name="stats")
+
+
+def _check_output(path: Path, append: bool) -> None:
+    if not path.parent.exists():
+        raise UserError(f"{path.parent}: output directory does not exist")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a statistics file")
+    if append and not path.exists():
+        raise UserError(f"{path}: no such statistics file to --append to")
+    if not append and path.exists():
+        raise UserError(f"{path} already exists: use --append to add to it, or choose another output path")
+
+
+def _init_distributed(device: Optional[str]) -> tuple[int, int, bool, Optional[str]]:
+    """(rank, world, whether we created the process group, device) from torchrun's environment."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers") from None
+    if world <= 1:
+        return 0, 1, False, device
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        if device is None or device == "cuda":
+            device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(device))
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created, device
+
+
+def analyze_command(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="prompt file, one per line (# starts a comment)"),
+    shapes: Optional[int] = typer.Option(None, "--shapes", help="N prompts of the captioned-shapes world"),
+    calibration: Optional[int] = typer.Option(None, "--calibration", help="N built-in calibration prompts (the default source; 64)"),
+    steps: Optional[str] = typer.Option(None, "--steps", help="step counts: 20, a range 15-30 or a list 10,20,28 (default 20)"),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="WxH,... drawn per prompt (default: the model's native size)"),
+    seed: int = typer.Option(0, "--seed", help="prompt, size, step-count and noise seed"),
+    guidance: float = typer.Option(3.5, "--guidance", help="distilled guidance (models with a guidance embedder)"),
+    cfg: float = typer.Option(1.0, "--cfg", help="true CFG scale; > 1 also runs (and counts) the negative pass"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="layer ranges, e.g. 0-18,30-37 (default: all)"),
+    streams: Optional[str] = typer.Option(None, "--streams", help="img,txt,single (default: all)"),
+    output: Path = typer.Option(..., "-o", "--output", help="statistics file to write (.safetensors)"),
+    append: bool = typer.Option(False, "--append", help="add to the statistics already in OUTPUT"),
+    text_encoders: Optional[Path] = typer.Option(None, "--text-encoders", help="folder with text_encoder/ tokenizer/ text_encoder_2/ tokenizer_2/"),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="ae.safetensors or a diffusers vae/ folder"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16"),
+):
+    """Count how often each MLP unit fires (activation > 0) while the model samples a workload."""
+    from ..pipeline import load
+    from .stats import ActivationStats
+    from .units import parse_streams, select_units
+    from .workload import make_workload, parse_sizes, parse_steps
+
+    # Everything a user can get wrong is checked before the model loads (minutes for FLUX.1-dev).
+    if calibration is not None and (prompts is not None or shapes is not None):
+        raise UserError("--calibration picks the built-in prompts: give it, --prompts FILE or --shapes N, not several")
+    if calibration is not None and calibration < 1:
+        raise UserError(f"--calibration must be ≥ 1, got {calibration}")
+    if prompts is not None and shapes is not None:
+        raise UserError("give --prompts FILE or --shapes N, not both")
+    if cfg < 1:
+        raise UserError(f"--cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
+    if steps is not None:
+        parse_steps(steps)
+    if sizes is not None:
+        parse_sizes(sizes)
+    parse_streams(streams)
+    _check_output(output, append)
+    existing = ActivationStats.load(output) if append else None
+
+    rank, world, created, device = _init_distributed(device)
+    try:
+        pipe = load(model, text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+        cfg_m = pipe.transformer.config
+        if existing is not None and layers is None and streams is None:
+            units = list(existing.units)
+        else:
+            units = select_units(cfg_m, layers, streams)
+        if not units:
+            raise UserError("--layers/--streams select no unit group")
+        workload = make_workload(prompts_file=prompts, shapes_n=shapes, calibration_n=calibration or 64, sizes=sizes,
+                                 steps=steps, seed=seed, default_size=pipe.default_size, default_steps=20)
+        result = _run(pipe, workload, units, guidance, cfg, existing, rank, world)
+        if rank == 0:
+            result.save(output)
+            n = sum(result.count[u].numel() for u in units)
+            console.print(f"analyzed {len(workload.prompts)} prompts on {world} process(es): {len(units)} unit groups, "
+                          f"{n:,} units; {output} now covers {result.meta.get('prompts', 0)} prompts",
+                          highlight=False, soft_wrap=True)
+            print(output)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(pipe, workload, units, guidance, cfg, existing, rank, world):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .analyze import analyze_distributed
+
+    show = rank == 0 and console.is_terminal
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not show) as progress:
+        task = progress.add_task("analyzing" + (f" (rank 0 of {world})" if world > 1 else ""), total=None)
+
+        def on_run(done, total, _run):
+            progress.update(task, completed=done, total=total)
+
+        return analyze_distributed(pipe, workload, units=units, guidance=guidance, cfg=cfg, progress=on_run,
+                                   stats=existing)
+
+
+@stats_app.command("merge")
+def merge_command(
+    inputs: list[Path] = typer.Argument(..., help="statistics files of the same model"),
+    output: Path = typer.Option(..., "-o", "--output", help="merged statistics file"),
+    force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
+):
+    """Sum statistics files exactly (counts, Σ|a|, Σa², positions); they must come from the same model."""
+    from .analyze import accumulate
+    from .stats import ActivationStats
+
+    if len(inputs) < 2:
+        raise UserError("give at least two statistics files to merge")
+    resolved = [p.resolve() for p in inputs]
+    dup = next((p for i, p in enumerate(inputs) if resolved[i] in resolved[:i]), None)
+    if dup is not None:
+        raise UserError(f"{dup} is listed twice: its positions would count twice")
+    if not output.parent.exists():
+        raise UserError(f"{output.parent}: output directory does not exist")
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists: choose another path or pass --force")
+    total = ActivationStats.load(inputs[0])
+    for p in inputs[1:]:
+        other = ActivationStats.load(p)
+        try:
+            accumulate(total, other)
+        except UserError as e:
+            raise UserError(f"{p}: cannot merge into {inputs[0]}: {e}") from None
+    total.save(output)
+    console.print(f"{len(inputs)} files, {total.meta.get('prompts', 0)} prompts, "
+                  f"{sum(total.positions.values()):,} positions in all groups", highlight=False, soft_wrap=True)
+    print(output)
+
+
+@stats_app.command("show")
+def show_command(
+    path: Path = typer.Argument(..., help="statistics file"),
+    heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="also draw the firing-frequency heatmap to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+):
+    """Per-layer summary: width, positions, units that never fired, firing-frequency quantiles."""
+    from . import report
+    from .stats import ActivationStats
+
+    if heatmap is not None:
+        if heatmap.suffix.lower() != ".png":
+            raise UserError(f"{heatmap}: the heatmap must be a .png file")
+        if not heatmap.parent.exists():
+            raise UserError(f"{heatmap.parent}: output directory does not exist")
+    stats = ActivationStats.load(path)
+    rows = report.summary(stats)
+    t = report.totals(stats)
+    meta = {k: v for k, v in stats.meta.items() if k != "history"}
+    if as_json:
+        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
+        out.print_json(json.dumps({"path": str(path), "fingerprint": stats.fingerprint, "meta": meta, "totals": t,
+                                   "groups": clean}))
+    else:
+        con = out if out.is_terminal else Console(width=160)
+        con.print(f"{path}: {meta.get('model', '?')} ({stats.fingerprint or 'no fingerprint'}), "
+                  f"{meta.get('prompts', '?')} prompts, steps {_short_list(meta.get('steps'))}, "
+                  f"sizes {_short_list(meta.get('sizes'))}", highlight=False)
+        con.print(report.table(stats))
+        con.print(f"{t['units']:,} units in {t['unit_groups']} groups; {t['never']:,} never fired "
+                  f"({100 * t['never_share']:.2f}%)", highlight=False)
+    if heatmap is not None:
+        report.write_heatmap(stats, heatmap)
+        console.print(f"heatmap: {heatmap}", highlight=False, soft_wrap=True)
+
+
+def _short_list(v) -> str:
+    if not v:
+        return "-"
+    v = [str(x) if not isinstance(x, (list, tuple)) else "x".join(map(str, x)) for x in v]
+    return ", ".join(v) if len(v) <= 6 else f"{', '.join(v[:3])}, … {v[-1]} ({len(v)})"
