@@ -61,6 +61,7 @@ def generate(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     text_encoders: Optional[Path] = typer.Option(None, "--text-encoders", help="folder with text_encoder/ tokenizer/ text_encoder_2/ tokenizer_2/"),
     vae: Optional[Path] = typer.Option(None, "--vae", help="ae.safetensors or a diffusers vae/ folder"),
+    patches: Optional[Path] = typer.Option(None, "--patches", help="distilled layer patches (rflow distill) to swap in"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (used when --cfg > 1)"),
     size: Optional[str] = typer.Option(None, "--size", help="WxH in pixels (default: the model's native size)"),
     steps: int = typer.Option(28, "--steps"),
@@ -98,7 +99,13 @@ def generate(
         raise UserError(f"{output}: output must be a .png file")
     if not output.parent.exists():
         raise UserError(f"{output.parent}: output directory does not exist")
-    pipe = load(model, text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+    kw = dict(text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+    if patches is not None:
+        from .compress.patches import load_with_patches
+
+        pipe = load_with_patches(model, patches, **kw)
+    else:
+        pipe = load(model, **kw)
     width, height = width or pipe.default_size[0], height or pipe.default_size[1]
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -116,7 +123,8 @@ def generate(
         "prompt": prompt, "negative_prompt": negative, "steps": steps, "solver": solver, "guidance": guidance,
         "cfg": cfg, "seed": seed, "width": width, "height": height, "batch": batch, "model": pipe.name,
         "model_hash": pipe.fingerprint, "schedule": pipe.schedule.kind, "shift": pipe.schedule.shift,
-        "image": str(image) if image else None, "strength": strength if image else None, "rflow": __version__,
+        "image": str(image) if image else None, "strength": strength if image else None,
+        "patches": str(patches) if patches else None, "rflow": __version__,
     }
     from .checkpoints.io import atomic_write_bytes
 
@@ -253,6 +261,16 @@ def _widths(ws: list) -> str:
         parts.append(f"{w} ×{j - i + 1}" if j > i else f"{w}")
         i = j + 1
     return ", ".join(parts) or "-"
+
+
+def _register_compression_commands() -> None:
+    from .compress import cli_analyze, cli_capture, cli_prune
+
+    for mod in (cli_analyze, cli_capture, cli_prune):
+        mod.register(app)
+
+
+_register_compression_commands()
 
 
 @app.callback(invoke_without_command=True)

@@ -1,0 +1,192 @@
+"""Write a modified transformer (pruned, later distilled or quantized) as the same kind of model as its source.
+
+=====================================  ==========================================================
+source                                 what is written
+=====================================  ==========================================================
+rflow pipeline folder                  a new rflow pipeline folder: everything copied, with
+                                       ``transformer.safetensors`` replaced
+BFL / ComfyUI single file              one BFL safetensors file
+diffusers ``transformer/`` folder      one BFL safetensors file
+diffusers pipeline root                one BFL safetensors file; its VAE and text encoders stay in
+                                       the original folder (``--vae`` / ``--text-encoders``)
+=====================================  ==========================================================
+
+Every transformer written here has BFL keys and the ``rflow.flux_config`` metadata (RoPE axes,
+theta), so :func:`rflow.load` infers every block's width from the shapes and needs no flags.
+Bookkeeping tensors (``rflow.kept.<unit>``) ride along in the same file; the checkpoint loader
+skips keys that start with ``rflow.``. Writes are atomic (temporary name + rename) and the
+source is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.flux import CONFIG_METADATA_KEY, FluxCheckpoint
+from ..errors import UserError
+from ..models.flux import Flux
+
+MANIFEST = "rflow_pipeline.json"  # == rflow.pipeline.MANIFEST (not imported: keeps this module light)
+TRANSFORMER_FILE = "transformer.safetensors"
+
+# source layouts
+RFLOW_PIPELINE = "rflow-pipeline"
+DIFFUSERS_PIPELINE = "diffusers-pipeline"
+TRANSFORMER_FOLDER = "transformer-folder"
+SINGLE_FILE = "single-file"
+
+
+def source_layout(path: str | os.PathLike) -> str:
+    """How a model path is laid out: one of ``rflow-pipeline``, ``diffusers-pipeline``,
+    ``transformer-folder`` (diffusers ``transformer/`` or sharded BFL) and ``single-file``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / MANIFEST).exists():
+            return RFLOW_PIPELINE
+        if (p / "model_index.json").exists() or ((p / "transformer").is_dir() and not list(p.glob("*.safetensors"))):
+            return DIFFUSERS_PIPELINE
+        return TRANSFORMER_FOLDER
+    return SINGLE_FILE
+
+
+def transformer_path(path: str | os.PathLike) -> Path:
+    """The transformer checkpoint inside a model path (the one :func:`rflow.load` fingerprints)."""
+    p = Path(path).expanduser()
+    layout = source_layout(p)
+    if layout == RFLOW_PIPELINE:
+        return p / TRANSFORMER_FILE
+    if layout == DIFFUSERS_PIPELINE:
+        return p / "transformer"
+    return p
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Equal to ``rflow.load(path).fingerprint`` without loading any weight."""
+    with FluxCheckpoint(transformer_path(path)) as ck:
+        return ck.fingerprint()
+
+
+@dataclass
+class SavedModel:
+    path: Path
+    layout: str  # what was written: "rflow-pipeline" | "single-file"
+    source_layout: str
+    note: str | None = None  # how to load it when the VAE / text encoders are not next to it
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies under it."""
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(source_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """Raise a :class:`UserError` if ``out_path`` cannot receive a model saved like ``source_path``
+    (call it before long work); returns the source layout."""
+    src, dst = Path(source_path).expanduser(), Path(out_path).expanduser()
+    layout = source_layout(src)
+    s, d = src.resolve(), dst.resolve()
+    if s == d or (src.is_dir() and _inside(d, s)) or _inside(s, d):
+        raise UserError(f"{dst}: refusing to write over or inside the source model {src}")
+    if not dst.parent.is_dir():
+        raise UserError(f"{dst.parent}: output directory does not exist")
+    if layout == RFLOW_PIPELINE:
+        if dst.suffix.lower() == ".safetensors":
+            raise UserError(f"{dst}: the source is an rflow pipeline folder, so the output is a folder too: give a folder name")
+        if dst.exists() and not (dst / MANIFEST).exists():
+            raise UserError(f"{dst}: exists and is not an rflow pipeline folder; not replacing it")
+    else:
+        if dst.suffix.lower() != ".safetensors":
+            raise UserError(f"{dst}: the output is a single BFL transformer file: give a name ending in .safetensors")
+        if dst.is_dir():
+            raise UserError(f"{dst}: is a directory")
+    return layout
+
+
+def _metadata(model: Flux, metadata: dict | None) -> dict[str, str]:
+    cfg = model.config
+    meta = {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(cfg.axes_dim), "theta": cfg.theta})}
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+def _tensors(model: Flux, dtype: torch.dtype, extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    for k, v in (extra or {}).items():
+        if not k.startswith("rflow."):
+            raise UserError(f"extra tensor {k!r}: bookkeeping keys must start with 'rflow.'")
+        sd[k] = v.detach().cpu().contiguous()
+    return sd
+
+
+def _save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors written straight to a temporary file, fsynced, then renamed over ``path``
+    (no second in-memory copy of a 24 GB transformer)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_transformer_like(source_path: str | os.PathLike, model: Flux, out_path: str | os.PathLike, *,
+                          extra_tensors: dict[str, torch.Tensor] | None = None, metadata: dict | None = None,
+                          dtype: torch.dtype | None = None) -> SavedModel:
+    """Write ``model`` as the same kind of model as ``source_path`` (see the module docstring).
+
+    ``extra_tensors``: ``rflow.*`` tensors stored beside the weights (e.g. :func:`~rflow.compress.prune.kept_tensors`).
+    ``metadata``: extra safetensors metadata; non-string values are stored as JSON.
+    ``dtype``: of the weights; defaults to the source's stored dtype (float8 sources are written as bfloat16).
+    """
+    src, dst = Path(source_path).expanduser(), Path(out_path).expanduser()
+    layout = check_output(src, dst)
+    if dtype is None:
+        with FluxCheckpoint(transformer_path(src)) as ck:
+            dtype = ck.stored_dtype()
+    tensors = _tensors(model, dtype, extra_tensors)
+    meta = _metadata(model, metadata)
+
+    if layout == RFLOW_PIPELINE:
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(src, tmp, ignore=lambda d, names: [TRANSFORMER_FILE] if Path(d) == src else [])
+            _save_file_atomic(tensors, tmp / TRANSFORMER_FILE, meta)
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            if dst.exists():
+                dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return SavedModel(dst, RFLOW_PIPELINE, layout)
+
+    _save_file_atomic(tensors, dst, meta)
+    note = None
+    if layout == DIFFUSERS_PIPELINE:
+        note = (f"{dst} holds only the transformer: load it with --vae {src / 'vae'} --text-encoders {src} "
+                f"(vae=…, text_encoders=… in rflow.load)")
+    else:
+        root = src.parent  # where rflow.load looks for the VAE and text encoders of the source
+        if dst.resolve().parent != root.resolve():
+            note = (f"{dst} holds only the transformer: pass --vae / --text-encoders pointing at the ones used "
+                    f"with {src} (or write it next to the source)")
+    return SavedModel(dst, SINGLE_FILE, layout, note)
