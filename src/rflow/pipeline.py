@@ -273,11 +273,9 @@ def load(
         dtype = parse_dtype(dtype)
     dtype = dtype or default_dtype(dev)
     if path is None:
-        from .tiny import DEFAULT_MODEL_DIR
+        from .tiny import embedded_model_dir
 
-        if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
-            raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR})")
-        path = DEFAULT_MODEL_DIR
+        path = embedded_model_dir()
     if (Path(path) / MANIFEST).exists():
         return load_rflow_pipeline(Path(path), device=dev, dtype=dtype)
     p = Path(path).expanduser()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import shapes
+from .errors import UserError
 from .models.codec import PixelUnshuffleCodec
 from .models.flux import Flux, FluxConfig
 from .models.text import TextEncoders, build_word_tokenizer
@@ -26,6 +27,15 @@ from .models.text import TextEncoders, build_word_tokenizer
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "rflow-tiny"
 TEXT_DIM = 64
 MAX_SEQUENCE_LENGTH = 24
+
+
+def embedded_model_dir() -> Path:
+    """The shipped rflow-tiny pipeline folder (the default model everywhere)."""
+    from .pipeline import MANIFEST
+
+    if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
+        raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR})")
+    return DEFAULT_MODEL_DIR
 
 
 def vocabulary() -> list[str]:

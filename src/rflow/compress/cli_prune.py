@@ -29,12 +29,9 @@ MODEL_HELP = ("model: rflow pipeline folder, BFL/ComfyUI .safetensors, diffusers
 def default_model(model: Path | None) -> Path:
     if model is not None:
         return model
-    from ..pipeline import MANIFEST
-    from ..tiny import DEFAULT_MODEL_DIR
+    from ..tiny import embedded_model_dir
 
-    if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
-        raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR}): pass --model")
-    return DEFAULT_MODEL_DIR
+    return embedded_model_dir()
 
 
 def load_stats_for(stats_path: Path, model_path: Path):

@@ -30,45 +30,25 @@ from ..checkpoints.flux import FluxCheckpoint, load_flux
 from ..checkpoints.io import open_weights, read_json, save_safetensors
 from ..errors import UserError
 from ..models.flux import Flux
+from ..pipeline import MANIFEST
+from .save import model_fingerprint, transformer_path
 
 SCHEMA = "rflow.patches"
 VERSION = 1
 METADATA_KEY = "rflow.patches"
 PATCHED_KEY = "rflow.patched"
-MANIFEST = "rflow_pipeline.json"
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-
-def transformer_path(path: str | os.PathLike) -> Path:
-    """The transformer weights of a model path: rflow pipeline folder -> its ``transformer.safetensors``,
-    diffusers pipeline -> ``transformer/``, anything else as is."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"{p}: no such file or directory")
-    if (p / MANIFEST).exists():
-        return p / "transformer.safetensors"
-    if (p / "model_index.json").exists():
-        return p / "transformer"
-    return p
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """The fingerprint :func:`rflow.load` gives the same model (``Pipeline.fingerprint``)."""
-    with FluxCheckpoint(transformer_path(path)) as ck:
-        return ck.fingerprint()
 
 
 def load_transformer(path: str | os.PathLike | None, *, device=None, dtype: torch.dtype | None = None) -> tuple[Flux, str]:
     """Only the transformer of a model (no text encoders or VAE) and its fingerprint; ``None`` is the
     embedded rflow-tiny model."""
     if path is None:
-        from ..tiny import DEFAULT_MODEL_DIR
+        from ..tiny import embedded_model_dir
 
-        if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
-            raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR})")
-        path = DEFAULT_MODEL_DIR
+        path = embedded_model_dir()
     tp = transformer_path(path)
     fingerprint = model_fingerprint(path)
     model, _ = load_flux(tp, device=device, dtype=dtype)

@@ -31,8 +31,8 @@ import torch
 from ..checkpoints.flux import CONFIG_METADATA_KEY, FluxCheckpoint
 from ..errors import UserError
 from ..models.flux import Flux
+from ..pipeline import MANIFEST
 
-MANIFEST = "rflow_pipeline.json"  # == rflow.pipeline.MANIFEST (not imported: keeps this module light)
 TRANSFORMER_FILE = "transformer.safetensors"
 
 # source layouts
