@@ -98,11 +98,14 @@ class Pipeline:
 
         return velocity
 
-    def to_velocity(self, out: Tensor, x_t: Tensor, t: Tensor, min_t: float = 1e-4) -> Tensor:
-        """The transformer's output as a velocity (identity for velocity-predicting models)."""
+    def to_velocity(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The transformer's output as a velocity (identity for velocity-predicting models).
+
+        A data-predicting model's x0 becomes v = (x_t − x0)/t; t never reaches 0 in sampling (the
+        last step's velocity is taken at the last nonzero sigma), the floor only guards the division."""
         if self.prediction == "velocity":
             return out
-        return (x_t.to(out.dtype) - out) / t.to(out.dtype).clamp_min(min_t).view(-1, 1, 1)
+        return (x_t.to(out.dtype) - out) / t.to(out.dtype).clamp_min(1e-4).view(-1, 1, 1)
 
     def generate(
         self,
