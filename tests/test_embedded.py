@@ -47,3 +47,6 @@ def test_cli_generate_and_eval_default_model(tmp_path, capsys):
     grid = tmp_path / "grid.png"
     assert main(["eval", "--prompts", "8", "--heldout", "4", "--steps", "8", "-o", str(grid), "--json"]) == 0
     assert grid.exists() and '"adherence"' in capsys.readouterr().out
+    assert main(["eval", "--prompts", "4", "--heldout", "2", "--steps", "4", "-o", str(grid)]) == 0
+    table = capsys.readouterr().out
+    assert all(w in table for w in ("grammar (4)", "held-out pairs (2)", "adherence", "colour", "shape", "position"))

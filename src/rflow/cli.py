@@ -176,14 +176,15 @@ def eval_(
         out.print_json(json.dumps(summary))
     else:
         t = Table(title=f"{pipe.name} · {solver} · {steps} steps")
-        t.add_column("prompts")
-        t.add_column("adherence", justify="right")
-        for a in res.report.accuracy:
-            t.add_column(a, justify="right")
-        t.add_row(f"grammar ({len(res.prompts)})", f"{res.report.adherence:.3f}", *(f"{v:.3f}" for v in res.report.accuracy.values()))
+        t.add_column("")
+        t.add_column(f"grammar ({len(res.prompts)})", justify="right")
+        reports = [res.report]
         if res.heldout_report:
-            hr = res.heldout_report
-            t.add_row(f"held-out pairs ({len(res.heldout_prompts)})", f"{hr.adherence:.3f}", *(f"{v:.3f}" for v in hr.accuracy.values()))
+            t.add_column(f"held-out pairs ({len(res.heldout_prompts)})", justify="right")
+            reports.append(res.heldout_report)
+        t.add_row("adherence", *(f"{r.adherence:.3f}" for r in reports), end_section=True)
+        for a in res.report.accuracy:
+            t.add_row(a, *(f"{r.accuracy[a]:.3f}" for r in reports))
         out.print(t)
         print(f"grid: {grid}")
 
@@ -192,7 +193,7 @@ def eval_(
 def train(
     output: Path = typer.Option(..., "-o", "--output", help="run folder: train_state.safetensors, model/"),
     full: bool = typer.Option(False, "--full", help="train the whole model from scratch (rflow-tiny on the shapes world)"),
-    steps: int = typer.Option(5000, "--steps"),
+    steps: int = typer.Option(4000, "--steps"),
     batch: int = typer.Option(32, "--batch"),
     lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed", help="data and noise seed"),

@@ -44,7 +44,7 @@ STATE_VERSION = 1
 
 @dataclass
 class TrainConfig:
-    steps: int = 5000
+    steps: int = 4000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 200
