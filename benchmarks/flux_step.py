@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(max-autotune-no-cudagraphs)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    if not torch.cuda.is_available():
+        raise SystemExit("flux_step.py: error: needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     dev, dt = torch.device("cuda"), torch.bfloat16
     B, L_img, L_txt = 1, 4096, 512
