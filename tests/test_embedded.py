@@ -1,5 +1,7 @@
 """The embedded rflow-tiny model: the default everywhere, deterministic, and adherent on a fixed set."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +24,8 @@ def test_default_is_embedded(pipe):
     assert (DEFAULT_MODEL_DIR / "rflow_pipeline.json").exists()
     size = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 15 * 2**20, f"embedded model is {size / 2**20:.1f} MiB"
+    assert all(json.loads((DEFAULT_MODEL_DIR / sub / "tokenizer_config.json").read_text())["tokenizer_class"]
+               == "PreTrainedTokenizerFast" for sub in ("tokenizer", "tokenizer_2"))  # loadable by transformers 4 too
 
 
 def test_adherence_on_fixed_prompts(pipe):

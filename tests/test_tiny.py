@@ -40,6 +40,13 @@ def test_save_and_load_pipeline_folder(tmp_path):
     save_pipeline(p, tmp_path / "m", dtype=torch.float32)
     manifest = json.loads((tmp_path / "m" / "rflow_pipeline.json").read_text())
     assert manifest["codec"]["type"] == "pixel_unshuffle" and manifest["default_size"] == [64, 64]
+    # the Hub layout, which transformers 4 and 5 both load: prefixed CLIP keys, a known tokenizer class
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "m" / "text_encoder" / "model.safetensors", "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())
+    for sub in ("tokenizer", "tokenizer_2"):
+        assert json.loads((tmp_path / "m" / sub / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     q = rflow.load(tmp_path / "m", device="cpu")
     kw = dict(steps=3, output_type="latent", seed=5)
     prompt = "a large red circle on the left on a white background"

@@ -299,6 +299,31 @@ MANIFEST = "rflow_pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
 
 
+def _portable_across_transformers(folder: Path) -> None:
+    """Make a folder written by ``save_pretrained`` load the same under transformers 4 and 5.
+
+    transformers 5 writes CLIPTextModel weights without their ``text_model.`` prefix and names a
+    tokenizer.json-only tokenizer's class ``TokenizersBackend``; transformers 4 reads neither (it would
+    leave CLIP randomly initialised). The Hub layout (prefixed keys, ``PreTrainedTokenizerFast``) loads
+    identically under both."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.exists():
+        c = json.loads(tok_cfg.read_text())
+        c["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg.write_text(json.dumps(c, indent=2))
+    cfg = folder / "config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "clip_text_model":
+        w = folder / "model.safetensors"
+        sd = load_file(w)
+        if not all(k.startswith("text_model.") for k in sd):
+            save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, w,
+                      metadata={"format": "pt"})
+
+
 def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
                   extra: dict | None = None) -> Path:
     """Write ``pipe`` as an rflow pipeline folder (``rflow_pipeline.json`` + ``transformer.safetensors``
@@ -322,6 +347,7 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype
     te = pipe.text_encoders
     for sub, obj in (("text_encoder", te.clip), ("tokenizer", te.clip_tokenizer), ("text_encoder_2", te.t5), ("tokenizer_2", te.t5_tokenizer)):
         obj.save_pretrained(tmp / sub)
+        _portable_across_transformers(tmp / sub)
     manifest = {
         "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
         "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
