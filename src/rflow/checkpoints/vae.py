@@ -107,38 +107,92 @@ def _not_vae(where, why: str) -> UserError:
     return UserError(f"{where}: not a FLUX/SD VAE checkpoint ({why})")
 
 
-def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], where: str | os.PathLike = "checkpoint") -> VAEConfig:
-    """The structure of a VAE from its BFL-named tensor shapes; group count and normalisation get FLUX defaults."""
+def _vote(values) -> int | None:
+    """The most common value that is not None (the first of equally common ones); None if there is none.
 
-    def shape(key: str) -> tuple[int, ...]:
+    Most sizes are written in several tensors; the majority makes a single corrupt tensor the one
+    reported as wrong, not the many that disagree with it."""
+    counts: dict[int, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def _kind(key: str) -> str:
+    return "weight" if key.endswith(".weight") else "tensor"
+
+
+def infer_vae_config(
+    shapes: Mapping[str, tuple[int, ...]], where: str | os.PathLike = "checkpoint", *, names: Mapping[str, str] | None = None
+) -> VAEConfig:
+    """The structure of a VAE from its BFL-named tensor shapes; group count and normalisation get FLUX defaults.
+
+    ``names`` maps BFL names to the checkpoint's own (diffusers) names for error messages. A shape that
+    cannot be read as a VAE is a :class:`UserError` naming the tensor; :func:`load_vae` then checks every
+    tensor against the inferred config."""
+    shapes = {k: tuple(s) for k, s in shapes.items()}
+
+    def label(k: str) -> str:
+        return names.get(k, k) if names else k
+
+    def dim(key: str, rank: int, axis: int) -> int | None:
+        s = shapes.get(key)
+        if s is None or len(s) != rank or min(s) < 1:
+            return None
+        return s[axis]
+
+    def require(key: str, rank: int) -> tuple[int, ...]:
         if key not in shapes:
             raise _not_vae(where, f"missing {key}")
-        return shapes[key]
+        s = shapes[key]
+        if len(s) != rank:
+            raise UserError(f"{where}: {label(key)} has shape {s}, expected a {rank}-D {_kind(key)}")
+        if min(s) < 1:
+            raise UserError(f"{where}: {label(key)} has shape {s}, expected no empty dimension")
+        return s
+
+    def half(v: int | None) -> int | None:
+        return v // 2 if v is not None and v % 2 == 0 else None
 
     def indices(prefix: str, pos: int) -> list[int]:
         found = {k.split(".")[pos] for k in shapes if k.startswith(prefix)}
-        if not all(s.isdigit() for s in found):
+        if not all(s.isascii() and s.isdigit() for s in found):
             raise _not_vae(where, f"unexpected names under {prefix}")
         return sorted(int(s) for s in found)
 
-    conv_in = shape("encoder.conv_in.weight")
     levels = indices("encoder.down.", 2)
     if not levels or levels != list(range(len(levels))):
         raise _not_vae(where, "no contiguous encoder.down.{i} levels")
     blocks = indices("encoder.down.0.block.", 4)
     if not blocks or blocks != list(range(len(blocks))):
         raise _not_vae(where, "no encoder.down.0.block.{j} resnets")
-    ch = conv_in[0]
-    widths = [shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels]
+    in_channels = require("encoder.conv_in.weight", 4)[1]
+    first = "encoder.down.0.block.0"
+    ch = _vote([dim("encoder.conv_in.weight", 4, 0), dim("encoder.conv_in.bias", 1, 0),
+                dim(f"{first}.conv1.weight", 4, 1), dim(f"{first}.norm1.weight", 1, 0)])
+    widths = []
+    for i in levels:
+        b = f"encoder.down.{i}.block.0"
+        w = _vote([dim(f"{b}.conv2.weight", 4, 0), dim(f"{b}.conv2.weight", 4, 1), dim(f"{b}.conv2.bias", 1, 0),
+                   dim(f"{b}.conv1.weight", 4, 0), dim(f"{b}.norm2.weight", 1, 0)])
+        widths.append(w if w is not None else require(f"{b}.conv2.weight", 4)[0])
     if any(w % ch for w in widths):
         raise UserError(f"{where}: unsupported VAE: level widths {widths} are not multiples of the first ({ch})")
+    z = _vote([dim("decoder.conv_in.weight", 4, 1), half(dim("encoder.conv_out.weight", 4, 0)),
+               half(dim("encoder.conv_out.bias", 1, 0))])
+    if z is None:
+        z = require("decoder.conv_in.weight", 4)[1]
+    out_channels = _vote([dim("decoder.conv_out.weight", 4, 0), dim("decoder.conv_out.bias", 1, 0)])
+    if out_channels is None:
+        out_channels = require("decoder.conv_out.weight", 4)[0]
     return VAEConfig(
-        in_channels=conv_in[1],
-        out_channels=shape("decoder.conv_out.weight")[0],
+        in_channels=in_channels,
+        out_channels=out_channels,
         ch=ch,
         ch_mult=tuple(w // ch for w in widths),
         num_res_blocks=len(blocks),
-        z_channels=shape("decoder.conv_in.weight")[1],
+        z_channels=z,
         use_quant_conv="quant_conv.weight" in shapes,
         use_post_quant_conv="post_quant_conv.weight" in shapes,
         mid_attention="encoder.mid.attn_1.q.weight" in shapes,
@@ -206,27 +260,78 @@ def _metadata_overrides(text: str, where) -> dict:
     return out
 
 
-def _check_against(config: VAEConfig, shapes: Mapping[str, tuple[int, ...]], where) -> None:
-    """Every tensor the config needs is present with the right shape, and nothing else is."""
+# Sizes a config.json or metadata may state but the weights decide (a stated value must agree). Which
+# optional tensors exist (quant convs, mid attention) is taken from a config when given, so a missing
+# tensor is reported as missing.
+_STRUCTURE = ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels")
+# VAEConfig structure in diffusers config.json terms (for messages about a config.json).
+_DIFFUSERS_NAMES = {"ch": "block_out_channels", "ch_mult": "block_out_channels", "num_res_blocks": "layers_per_block",
+                    "z_channels": "latent_channels"}
+
+
+def _apply(config: VAEConfig, overrides: dict, weights: VAEConfig, source: str, diffusers: bool = False) -> VAEConfig:
+    """``config`` with ``overrides``; the sizes among them must agree with what the weights have (``weights``)."""
+    new = dataclasses.replace(config, **overrides)
+    for f in _STRUCTURE:
+        have, want = getattr(weights, f), getattr(new, f)
+        if have != want:
+            name = _DIFFUSERS_NAMES.get(f, f) if diffusers else f
+            if name == "block_out_channels":
+                have, want = weights.widths, new.widths
+            raise UserError(f"{source}: {name} is {want!r}, but the weights have {have!r}")
+    return new
+
+
+def _check_against(
+    config: VAEConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    where,
+    *,
+    names: Mapping[str, str] | None = None,
+    source_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Every tensor the config needs is present with the right shape, and nothing else is.
+
+    ``names`` / ``source_shapes`` (by BFL name) are the checkpoint's own names and shapes, for messages."""
     try:
         config.validate()
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
+
+    def label(k: str) -> str:
+        return names.get(k, k) if names else k
+
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in AutoEncoder(config).state_dict().items()}
     missing = [k for k in expected if k not in shapes]
     extra = [k for k in shapes if k not in expected]
-    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    wrong = [k for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing, e.g. {missing[0]}")
     if extra:
-        problems.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+        problems.append(f"{len(extra)} unexpected, e.g. {label(extra[0])!r}")
     if wrong:
         k = wrong[0]
-        problems.append(f"{len(wrong)} with wrong shape, e.g. {k} {list(shapes[k])} != {list(expected[k])}")
-    if problems:
+        problems.append(f"{len(wrong)} with wrong shape, e.g. {label(k)} {list(shapes[k])} != {list(expected[k])}")
+    if missing or extra:
         raise UserError(f"{where}: VAE weights do not match the config ({'; '.join(problems)})")
+    if wrong:
+        k = wrong[0]
+        got = tuple((source_shapes or shapes)[k])
+        want = expected[k]
+        if len(got) == 2 and want[2:] == (1, 1) and _ATTN_WEIGHT.search(k):
+            want = want[:2]  # stored as a Linear weight (diffusers)
+        if len(got) != len(want):
+            kind = "2-D (linear) or 4-D (1x1 conv) weight" if _ATTN_WEIGHT.search(k) else f"{len(want)}-D {_kind(k)}"
+            why = f"expected a {kind}"
+        else:
+            why = (f"expected {want} for a VAE with ch={config.ch}, ch_mult={config.ch_mult}, "
+                   f"{config.num_res_blocks} resnet{'s' if config.num_res_blocks != 1 else ''} per level and "
+                   f"{config.z_channels} latent channels")
+        n = len(wrong) - 1
+        more = f" ({n} more tensor{'s have' if n > 1 else ' has'} a wrong shape)" if n else ""
+        raise UserError(f"{where}: {label(k)} has shape {got}, {why}{more}")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -285,12 +390,20 @@ def load_vae(
         if len(shapes) != len(names):
             raise _not_vae(weights_path, "two tensors map to the same name")
 
-        config = infer_vae_config(shapes, weights_path)
+        config = infer_vae_config(shapes, weights_path, names={b: k for k, b in names.items()})
+        weights = config
         if layout == "diffusers" and config_json is not None:
-            config = dataclasses.replace(config, **_diffusers_json_overrides(read_json(config_json), config_json))
+            config = _apply(config, _diffusers_json_overrides(read_json(config_json), config_json), weights,
+                            str(config_json), diffusers=True)
         if METADATA_KEY in w.metadata:
-            config = dataclasses.replace(config, **_metadata_overrides(w.metadata[METADATA_KEY], weights_path))
-        _check_against(config, shapes, weights_path)
+            config = _apply(config, _metadata_overrides(w.metadata[METADATA_KEY], weights_path), weights,
+                            f"{weights_path}: metadata {METADATA_KEY!r}")
+        _check_against(config, shapes, weights_path, names={b: k for k, b in names.items()},
+                       source_shapes={b: tuple(w.shapes[k]) for k, b in names.items()})
+        for k in own:
+            if not w.dtypes[k].is_floating_point:
+                dt = str(w.dtypes[k]).removeprefix("torch.")
+                raise UserError(f"{weights_path}: {k} has dtype {dt}, expected a floating-point tensor")
 
         if dtype is None:
             found = {w.dtypes[k] for k in own}
