@@ -165,18 +165,20 @@ def test_budget_stops_cleanly_and_index_matches_disk(env, tmp_path):
     r = CaptureReader(out)
     for rec in r:
         r.layer_tensors(rec, 3)
-    # an earlier capture may be replaced; its shards go
-    capture(env.pipe, _workload(1), out, in_out_only=True, budget_bytes=10**7)
+    # an earlier capture is replaced only when forced; then its shards go
+    with pytest.raises(UserError, match="already exists"):
+        capture(env.pipe, _workload(1), out, in_out_only=True, budget_bytes=10**7)
+    capture(env.pipe, _workload(1), out, in_out_only=True, budget_bytes=10**7, force=True)
     assert sorted(f.name for f in out.iterdir()) == [INDEX, "shard-00000.safetensors"]
-    # a folder holding anything else is refused, unless forced
+    # a folder holding anything else likewise: refused and untouched, or replaced whole when forced
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not an rflow capture"):
+    with pytest.raises(UserError, match="already exists"):
         capture(env.pipe, _workload(1), foreign, budget_bytes=10**7)
     assert sorted(f.name for f in foreign.iterdir()) == ["notes.txt"]
     capture(env.pipe, _workload(1), foreign, in_out_only=True, budget_bytes=10**7, force=True)
-    assert (foreign / "notes.txt").read_text() == "mine"
+    assert sorted(f.name for f in foreign.iterdir()) == [INDEX, "shard-00000.safetensors"]
 
 
 def test_reader_errors_are_one_line(env, tmp_path):
@@ -251,7 +253,7 @@ def test_distill_is_deterministic_and_block_mode(env, distilled):
 
 def test_applied_patches_give_the_trained_blocks(env, distilled):
     tensors, meta = read_patches(distilled.path)
-    assert meta["schema"] == "rflow.patches" and meta["version"] == 1 and meta["layers"] == [0, 1, 2, 3]
+    assert meta["schema"] == "rflow.patches" and meta["version"] == 2 and meta["layers"] == [0, 1, 2, 3]
     assert meta["student_fingerprint"] == env.student_fp and meta["train"] == "mlp"
     assert [r["layer"] for r in meta["report"]] == [0, 1, 2, 3]
     student = _student(env)
@@ -266,7 +268,7 @@ def test_applied_patches_give_the_trained_blocks(env, distilled):
         apply_patches(copy.deepcopy(env.teacher), distilled.path)
     with pytest.raises(UserError, match="trained for student"):
         apply_patches(_student(env), distilled.path, fingerprint="0123456789abcdef")
-    apply_patches(_student(env), distilled.path, fingerprint="0123456789abcdef", force=True)
+    apply_patches(_student(env), distilled.path, fingerprint="0123456789abcdef", any_student=True)
     bad = env.root / "bad.safetensors"
     bad.write_bytes(distilled.path.read_bytes()[:300])
     with pytest.raises(UserError):
@@ -337,7 +339,7 @@ def test_cli_round_trip(env, tmp_path, capsys):
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
     base = ["capture", "--model", env.root / "teacher", "--shapes", "2", "--sizes", "32x32", "--steps", "2"]
-    _one_error(*_cli(capsys, *base, "--budget", "20MB", "-o", foreign)[::2], "not an rflow capture")
+    _one_error(*_cli(capsys, *base, "--budget", "20MB", "-o", foreign)[::2], "--force")
     _one_error(*_cli(capsys, *base, "--budget", "lots", "-o", tmp_path / "c2")[::2], "bad size")
     _one_error(*_cli(capsys, *base, "--budget", "1kB", "-o", tmp_path / "c3")[::2], "too small")
     _one_error(*_cli(capsys, *base[:3], "--budget", "1MB", "-o", tmp_path / "c4")[::2], "exactly one of")

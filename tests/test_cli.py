@@ -87,7 +87,8 @@ EARLY_ERRORS = [
     ("batch-0", ["generate", PROMPT, "--model", "{model}", "--batch", "0", "-o", "{tmp}/x.png"], "--batch"),
     ("dtype", ["generate", PROMPT, "--model", "{model}", "--dtype", "fp7", "-o", "{tmp}/x.png"], "dtype"),
     ("not-png", ["generate", PROMPT, "--model", "{model}", "-o", "{tmp}/x.jpg"], ".png"),
-    ("no-output-dir", ["generate", PROMPT, "--model", "{model}", "-o", "{tmp}/missing/x.png"], "does not exist"),
+    ("output-under-a-file", ["generate", PROMPT, "--model", "{model}", "-o", "{bad}/random.safetensors/x.png"],
+     "is not a directory"),
     ("missing-image", ["generate", PROMPT, "--model", "{model}", "--image", "{tmp}/none.png", "-o", "{tmp}/x.png"],
      "no such image"),
     ("unknown-command", ["paint", PROMPT], "paint"),
@@ -166,7 +167,8 @@ def first_png(model_dir, tmp_path_factory):
 
 
 def test_generate_writes_png_with_settings(first_png, loaded):
-    fingerprint = loaded.fingerprint
+    fingerprint = loaded.model_hash
+    assert len(fingerprint) == 10
     im = Image.open(first_png)
     assert im.format == "PNG" and im.size == (W, H)
     params = im.text["parameters"]

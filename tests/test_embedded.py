@@ -49,8 +49,8 @@ def test_cli_generate_and_eval_default_model(tmp_path, capsys):
     report = shapes.score([img.convert("RGB")], ["a large red circle on the left on a white background"])
     assert report.adherence >= 0.8, report.table()
     grid = tmp_path / "grid.png"
-    assert main(["eval", "--prompts", "8", "--heldout", "4", "--steps", "8", "-o", str(grid), "--json"]) == 0
+    assert main(["eval", "--shapes", "8", "--heldout", "4", "--steps", "8", "-o", str(grid), "--json"]) == 0
     assert grid.exists() and '"adherence"' in capsys.readouterr().out
-    assert main(["eval", "--prompts", "4", "--heldout", "2", "--steps", "4", "-o", str(grid)]) == 0
+    assert main(["eval", "--shapes", "4", "--heldout", "2", "--steps", "4", "-o", str(grid), "--force"]) == 0
     table = capsys.readouterr().out
     assert all(w in table for w in ("grammar (4)", "held-out pairs (2)", "adherence", "colour", "shape", "position"))

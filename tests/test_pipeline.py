@@ -109,8 +109,8 @@ def test_generate_errors(saved):
         p.generate(PROMPTS, negative_prompt=["x", "y", "z"], cfg=2.0, width=24, height=16, **kw)
     with pytest.raises(UserError, match="noise has shape"):
         p.generate("a cat", width=24, height=16, noise=torch.zeros(1, 4, 4, 4), **kw)
-    with pytest.raises(UserError, match="strength must be in"):
-        p.generate("a cat", width=24, height=16, image=torch.rand(3, 16, 24), strength=0.0, **kw)
+    with pytest.raises(UserError, match="strength must be ≤ 1"):
+        p.generate("a cat", width=24, height=16, image=torch.rand(3, 16, 24), strength=1.5, **kw)
     with pytest.raises(UserError, match="cannot read image"):
         p.generate("a cat", width=24, height=16, image=__file__, **kw)
 

@@ -322,7 +322,7 @@ def test_prune_errors_are_one_line(capsys, case, base, model_dir, stats_file, tm
 
 @pytest.fixture(scope="module")
 def pruned_dir(model_dir, stats_file, tmp_path_factory):
-    from rflow.compress.cli_prune import prune_checkpoint
+    from rflow.compress.checkpoint_ops import prune_checkpoint
 
     out = tmp_path_factory.mktemp("pruned") / "half"
     prune_checkpoint(model_dir, stats_file, out, fraction=0.5)

@@ -7,6 +7,7 @@ training) and, reported separately, prompts that contain the held-out colour×sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from . import shapes
 from .pipeline import Pipeline
@@ -31,19 +32,30 @@ class EvalResult:
         return out
 
 
-def generate_batched(pipe: Pipeline, prompts: list[str], *, batch: int = 50, seed: int = 0, **kw) -> list:
+def generate_batched(pipe: Pipeline, prompts: list[str], *, batch: int = 50, seed: int = 0,
+                     progress: Callable[[int], None] | None = None, **kw) -> list:
+    """``pipe.generate`` over ``prompts`` in batches (batch k seeded ``seed + k·batch``); ``progress(done)``
+    after each batch."""
     images = []
     for i in range(0, len(prompts), batch):
-        images += pipe.generate(prompts[i : i + batch], seed=seed + i, **kw)
+        images += pipe.generate(prompts[i : i + batch], seed=(seed + i) % 2**64, **kw)
+        if progress is not None:
+            progress(len(images))
     return images
 
 
-def evaluate(pipe: Pipeline, *, n: int = 200, heldout: int = 50, steps: int = 20, solver: str = "euler",
-             seed: int = 0, guidance: float = 3.5, cfg: float = 1.0, batch: int = 50) -> EvalResult:
+def evaluate(pipe: Pipeline, *, n: int = 200, prompts: list[str] | None = None, heldout: int = 50, steps: int = 20,
+             solver: str = "euler", seed: int = 0, guidance: float = 3.5, cfg: float = 1.0, batch: int = 50,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Generate and score ``n`` grammar prompts (or the given ``prompts``) and ``heldout`` held-out-pair
+    prompts; ``progress(done)`` counts images over both sets."""
     kw = dict(steps=steps, solver=solver, guidance=guidance, cfg=cfg, batch=batch, seed=seed)
-    prompts = shapes.prompts(n, seed=EVAL_SEED_OFFSET + seed, split="train")
-    images = generate_batched(pipe, prompts, **kw)
+    if prompts is None:
+        prompts = shapes.prompts(n, seed=EVAL_SEED_OFFSET + seed, split="train")
+    images = generate_batched(pipe, prompts, progress=progress, **kw)
     h_prompts = shapes.prompts(heldout, seed=EVAL_SEED_OFFSET + seed, split="heldout") if heldout else []
-    h_images = generate_batched(pipe, h_prompts, **kw) if heldout else []
+    done = len(images)
+    h_images = generate_batched(pipe, h_prompts, progress=(lambda k: progress(done + k)) if progress else None,
+                                **kw) if heldout else []
     return EvalResult(prompts, images, shapes.score(images, prompts), h_prompts, h_images,
                       shapes.score(h_images, h_prompts) if heldout else None)

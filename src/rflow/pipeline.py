@@ -22,9 +22,10 @@ from . import sampling
 from .checkpoints.flux import FluxCheckpoint, load_flux
 from .checkpoints.io import read_json
 from .checkpoints.vae import load_vae
-from .errors import UserError
+from .errors import NonFiniteError, UserError, flag, warn
 from .models.flux import Flux, image_ids, pack, text_ids, unpack
 from .models.text import TextEncoders, find_text_encoders, load_text_encoders
+from .paths import MANIFEST
 
 OUTPUT_TYPES = ("pil", "latent", "pt", "np")
 
@@ -56,7 +57,10 @@ class Pipeline:
     default_size: tuple[int, int] = (1024, 1024)  # (width, height)
     name: str = "flux1"
     max_sequence_length: int = 512  # T5 tokens, FLUX.1's default
-    fingerprint: str = ""
+    fingerprint: str = ""  # content fingerprint of the transformer's tensors (statistics, captures, patches)
+    model_hash: str = ""  # sha256 of the transformer file(s), 10 hex digits: the PNG's "Model hash"
+    patches_hash: str = ""  # set by load_with_patches
+    grammar: str | None = None  # "shapes" for models trained on the shapes world (prompts outside it warn)
     # What the transformer outputs: "velocity" (FLUX.1: v = noise − x0) or "data" (x0, as rflow-tiny,
     # whose pixel-patch tokens are as wide as its hidden size); "data" is turned into v = (x_t − x0)/t here.
     prediction: str = "velocity"
@@ -134,6 +138,8 @@ class Pipeline:
         Returns a list of PIL images, or a tensor for ``output_type`` "latent" (normalised latents),
         "pt" (B, 3, H, W in [0, 1]) or "np" (B, H, W, 3 uint8 array).
         """
+        from . import options
+
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise UserError("prompt must be a string or a non-empty list of strings")
@@ -142,14 +148,13 @@ class Pipeline:
             raise UserError(f"unknown output_type {output_type!r}; choose from {', '.join(OUTPUT_TYPES)}")
         if solver not in sampling.SOLVERS:
             raise UserError(f"unknown solver {solver!r}; choose from {', '.join(sampling.SOLVERS)}")
-        if steps < 1:
-            raise UserError(f"steps must be ≥ 1, got {steps}")
-        if cfg < 1.0:
-            raise UserError(f"cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
+        options.steps(steps)
+        options.number(guidance, "guidance")
+        options.number(cfg, "cfg", low=1)
+        options.number(strength, "strength", low=0, high=1)
+        options.seed(seed)
         width, height = width or self.default_size[0], height or self.default_size[1]
-        m = self.size_multiple
-        if width <= 0 or height <= 0 or width % m or height % m:
-            raise UserError(f"size {width}x{height} is not a positive multiple of {m} for this model")
+        self.check_request(B, width, height, cfg=cfg)
         f = self.vae.downscale_factor
         shape = (B, self.latent_channels, height // f, width // f)
         dev = self.device
@@ -174,29 +179,57 @@ class Pipeline:
         sigmas = self.schedule.sigmas(steps, image_seq_len=(shape[2] // 2) * (shape[3] // 2))
         x = noise
         if image is not None:
-            if not 0.0 < strength <= 1.0:
-                raise UserError(f"strength must be in (0, 1], got {strength}")
-            # as diffusers' img2img: skip the first steps·(1 − strength) steps (always leaves ≥ 1)
+            # as diffusers' img2img: skip the first steps·(1 − strength) steps; strength 0 keeps the image
             start = int(max(steps - min(steps * strength, steps), 0))
             sigmas = sigmas[start:]
             x0 = self.encode_image(image, width, height).expand(B, -1, -1, -1)
+            if not bool(torch.isfinite(x0).all()):
+                raise NonFiniteError("the VAE produced NaN/inf encoding the image")
             s0 = float(sigmas[0])
             x = s0 * noise + (1.0 - s0) * x0
-        velocity = self.velocity_fn(txt, vec, guidance, neg, cfg)
-        latent = sampling.sample(velocity, x, sigmas.to(dev), solver, callback=callback)
+        if len(sigmas) < 2:  # strength 0: nothing to denoise
+            latent = x.clone()
+        else:
+            velocity = self.velocity_fn(txt, vec, guidance, neg, cfg)
+            latent = sampling.sample(velocity, x, sigmas.to(dev), solver, callback=callback)
         if output_type == "latent":
             return latent
         return self.decode(latent, output_type)
+
+    def check_request(self, batch: int, width: int, height: int, *, cfg: float = 1.0) -> None:
+        """Refuse, before any work, a size this model cannot draw or whose activations cannot fit memory."""
+        from .memory import check_generate_memory
+
+        m = self.size_multiple
+        if width <= 0 or height <= 0 or width % m or height % m:
+            raise UserError(f"size {width}x{height} is not a positive multiple of {m} for this model")
+        check_generate_memory(self, batch, width, height, cfg=cfg)
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Warn about prompts the text encoders will cut, and prompts outside the model's grammar."""
+        if self.grammar == "shapes":
+            from . import shapes
+
+            for p in dict.fromkeys(prompts):
+                if p:
+                    try:
+                        shapes.parse(p)
+                    except UserError:
+                        warn(f"{p!r} is outside the shapes grammar rflow-tiny was trained on (see `rflow eval`); "
+                             "expect a poor picture")
+        self.text_encoders.warn_if_truncated(prompts, self.max_sequence_length)
 
     @torch.no_grad()
     def encode_image(self, image, width: int, height: int) -> Tensor:
         """An image (PIL, path, or (1|B, 3, H, W) tensor in [0, 1]) -> normalised latent."""
         if isinstance(image, (str, os.PathLike)):
+            path = image
             try:
-                image = Image.open(image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise UserError(f"{image}: cannot read image ({e})") from None
+                with Image.open(path) as im:
+                    im.load()
+                    image = im.convert("RGB")
+            except (OSError, ValueError, SyntaxError) as e:
+                raise UserError(f"{path}: cannot read image ({' '.join(str(e).split()) or type(e).__name__})") from None
         if isinstance(image, Image.Image):
             image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
             image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255.0
@@ -211,6 +244,8 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latent: Tensor, output_type: str = "pil"):
         img = self.vae.decode(latent.to(self.vae.dtype)).float()
+        if not bool(torch.isfinite(img).all()):
+            raise NonFiniteError("the VAE produced NaN/inf decoding the latents")
         img = ((img + 1) / 2).clamp(0, 1)
         if output_type == "pt":
             return img
@@ -247,11 +282,13 @@ def _resolve(path: Path, text_encoders, vae) -> tuple[Path, Path, Path, Schedule
                 vae = cand
                 break
         else:
-            raise UserError(f"no VAE found next to {path}: pass vae=PATH (ae.safetensors or a diffusers vae/ folder)")
+            raise UserError(f"no VAE found next to {path}: give one with {flag('vae', 'PATH')} "
+                            "(ae.safetensors or a diffusers vae/ folder)")
     te = find_text_encoders(text_encoders, root)
     if te is None:
         where = text_encoders or root
-        raise UserError(f"no text encoders in {where}: pass text_encoders=DIR holding text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
+        raise UserError(f"no text encoders in {where}: give {flag('text_encoders', 'DIR')}, a folder holding "
+                        "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/")
     return transformer, Path(vae), te, schedule
 
 
@@ -271,31 +308,33 @@ def load(
     unless ``vae`` / ``text_encoders`` point elsewhere. ``device`` defaults to CUDA when available,
     ``dtype`` to bfloat16 on CUDA and float32 on CPU.
     """
-    dev = torch.device(device) if device is not None else default_device()
+    from .checkpoints.fit import check_parts_fit
+    from .options import device as check_device
+    from .paths import resolve_model
+
+    dev = check_device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or default_dtype(dev)
-    if path is None:
-        from .tiny import embedded_model_dir
-
-        path = embedded_model_dir()
-    if (Path(path) / MANIFEST).exists():
-        return load_rflow_pipeline(Path(path), device=dev, dtype=dtype)
-    p = Path(path).expanduser()
+    p = resolve_model(path)
+    if (p / MANIFEST).exists():
+        return load_rflow_pipeline(p, device=dev, dtype=dtype)
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     with FluxCheckpoint(p / "transformer" if (p / "model_index.json").exists() else p) as ck:
-        fingerprint = ck.fingerprint()  # also validates the transformer before looking for its companions
+        config = ck.config  # validates the transformer before looking for its companions
     transformer_path, vae_path, te_path, schedule = _resolve(p, text_encoders, vae)
-    model, info = load_flux(transformer_path, device=dev, dtype=dtype)
-    if schedule is None:
-        schedule = Schedule("flux") if info.config.guidance_embed else Schedule("none")
     vae_model = load_vae(vae_path, device=dev, dtype=dtype)
     te = load_text_encoders(te_path, device=dev, dtype=dtype)
-    return Pipeline(model, vae_model, te, schedule, name=info.family, fingerprint=fingerprint)
+    check_parts_fit(config, vae_model, te, where=str(p))
+    model, info = load_flux(transformer_path, device=dev, dtype=dtype)
+    with FluxCheckpoint(transformer_path) as ck:
+        fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
+    if schedule is None:
+        schedule = Schedule("flux") if info.config.guidance_embed else Schedule("none")
+    return Pipeline(model, vae_model, te, schedule, name=info.family, fingerprint=fingerprint, model_hash=model_hash)
 
 
-MANIFEST = "rflow_pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
 
 
@@ -329,58 +368,63 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype
     """Write ``pipe`` as an rflow pipeline folder (``rflow_pipeline.json`` + ``transformer.safetensors``
     with BFL keys + text encoders in the diffusers layout), replacing ``path`` atomically."""
     import json
-    import shutil
 
     from .checkpoints.flux import CONFIG_METADATA_KEY
     from .checkpoints.io import save_safetensors
+    from .outputs import replacing
 
     if not hasattr(pipe.vae, "to_config"):
         raise UserError("only pipelines with a parameter-free codec can be saved as rflow pipeline folders")
-    dst = Path(path)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cfg = pipe.transformer.config
     sd = {k: v.detach().to("cpu", dtype) for k, v in pipe.transformer.state_dict().items()}
-    save_safetensors(sd, tmp / "transformer.safetensors",
-                     {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(cfg.axes_dim), "theta": cfg.theta})})
-    te = pipe.text_encoders
-    for sub, obj in (("text_encoder", te.clip), ("tokenizer", te.clip_tokenizer), ("text_encoder_2", te.t5), ("tokenizer_2", te.t5_tokenizer)):
-        obj.save_pretrained(tmp / sub)
-        _portable_across_transformers(tmp / sub)
-    manifest = {
-        "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
-        "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
-        "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length,
-        "prediction": pipe.prediction, **(extra or {}),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-    return dst
+    with replacing(path, "dir") as tmp:
+        save_safetensors(sd, tmp / "transformer.safetensors",
+                         {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(cfg.axes_dim), "theta": cfg.theta})})
+        te = pipe.text_encoders
+        for sub, obj in (("text_encoder", te.clip), ("tokenizer", te.clip_tokenizer), ("text_encoder_2", te.t5),
+                         ("tokenizer_2", te.t5_tokenizer)):
+            obj.save_pretrained(tmp / sub)
+            _portable_across_transformers(tmp / sub)
+        manifest = {
+            "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
+            "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
+            "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length,
+            "prediction": pipe.prediction, **({"grammar": pipe.grammar} if pipe.grammar else {}), **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return Path(path)
 
 
 def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype) -> Pipeline:
     from .models.codec import PixelUnshuffleCodec
 
     m = read_json(path / MANIFEST)
-    if m.get("format") != "rflow-pipeline" or not isinstance(m.get("version"), int):
+    if not isinstance(m, dict) or m.get("format") != "rflow-pipeline" or not isinstance(m.get("version"), int):
         raise UserError(f"{path / MANIFEST}: not an rflow pipeline manifest")
     if m["version"] > PIPELINE_FORMAT_VERSION:
         raise UserError(f"{path}: pipeline format version {m['version']} is newer than this rflow reads ({PIPELINE_FORMAT_VERSION})")
+    from .checkpoints.fit import check_parts_fit
+
+    try:
+        codec = PixelUnshuffleCodec.from_config(m.get("codec", {})).to(device)
+        sched = m.get("schedule", {})
+        schedule = Schedule(str(sched.get("kind", "flux")), sched.get("shift"))
+        w, h = (int(v) for v in m.get("default_size", (1024, 1024)))
+        max_len = int(m.get("max_sequence_length", 512))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path / MANIFEST}: corrupt pipeline manifest ({e})") from None
+    prediction = _prediction(m.get("prediction", "velocity"))
+    grammar = m.get("grammar", "shapes" if str(m.get("name", "")).startswith("rflow-tiny") else None)
+    with FluxCheckpoint(path / "transformer.safetensors") as ck:
+        config = ck.config
+    te = load_text_encoders(path, device=device, dtype=dtype)
+    check_parts_fit(config, codec, te, where=str(path))
     model, info = load_flux(path / "transformer.safetensors", device=device, dtype=dtype)
     with FluxCheckpoint(path / "transformer.safetensors") as ck:
-        fingerprint = ck.fingerprint()
-    codec = PixelUnshuffleCodec.from_config(m.get("codec", {})).to(device)
-    te = load_text_encoders(path, device=device, dtype=dtype)
-    sched = m.get("schedule", {})
-    return Pipeline(model, codec, te, Schedule(sched.get("kind", "flux"), sched.get("shift")),
-                    default_size=tuple(m.get("default_size", (1024, 1024))), name=m.get("name", "rflow"),
-                    max_sequence_length=int(m.get("max_sequence_length", 512)), fingerprint=fingerprint,
-                    prediction=_prediction(m.get("prediction", "velocity")))
+        fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
+    return Pipeline(model, codec, te, schedule, default_size=(w, h), name=str(m.get("name", "rflow")),
+                    max_sequence_length=max_len, fingerprint=fingerprint, model_hash=model_hash,
+                    prediction=prediction, grammar=grammar)
 
 
 def _prediction(kind: str) -> str:

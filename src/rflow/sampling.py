@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from rflow.errors import UserError
+from rflow.errors import NonFiniteError, UserError
 
 SOLVERS = ("euler", "dpm++2m", "unipc")
 SCHEDULES = ("flux", "static", "none")
@@ -77,23 +77,41 @@ def get_sigmas(steps: int, *, schedule: str = "flux", image_seq_len: int | None 
       there is no default (SD3 uses 3.0);
     * ``"none"``: the base grid unchanged (FLUX.1-schnell).
 
-    Arguments that the chosen schedule does not use are ignored.
+    Arguments that the chosen schedule does not use are ignored. A shift so strong that the shifted
+    sigmas are no longer strictly decreasing in float64 (they collapse to 1, or to 0) raises
+    :class:`UserError` naming the cause: a huge ``image_seq_len`` for "flux", an extreme ``shift`` for "static".
     """
     steps = _positive_int(steps, "steps")
     base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     if schedule == "flux":
         if image_seq_len is None:
             raise UserError("schedule 'flux' needs image_seq_len (the number of image tokens)")
-        sigmas = time_shift(flux_mu(_positive_int(image_seq_len, "image_seq_len")), base)
+        image_seq_len = _positive_int(image_seq_len, "image_seq_len")
+        mu = flux_mu(image_seq_len)
+        try:
+            sigmas = time_shift(mu, base)
+        except OverflowError:  # e^mu beyond float64: every sigma would be 1
+            sigmas = torch.ones_like(base)
+        cause = f"image_seq_len {image_seq_len} is too large for the 'flux' schedule"
+        detail, fix = f" (mu = {mu:.1f})", "use a smaller size or another schedule"
     elif schedule == "static":
         if not isinstance(shift, numbers.Real) or isinstance(shift, bool) or not 0 < shift < math.inf:
             raise UserError(f"schedule 'static' needs shift, a positive number (got {shift!r})")
         sigmas = _shift(float(shift), base)
+        cause = f"shift {shift!r} is too {'large' if shift > 1 else 'small'} for the 'static' schedule"
+        detail, fix = "", "use a shift closer to 1"
     elif schedule == "none":
         sigmas = base
+        cause, detail, fix = f"{steps} steps are too many for float64 sigmas", "", "use fewer steps"
     else:
         raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    ok = bool(torch.isfinite(sigmas).all()) and bool((sigmas[1:] < sigmas[:-1]).all())
+    if not ok:
+        flat = ~(sigmas[1:] < sigmas[:-1])  # the first pair that does not decrease tells where they collapse
+        where = 1 if not bool(torch.isfinite(sigmas).all()) or float(sigmas[:-1][flat][0]) >= 0.5 else 0
+        raise UserError(f"{cause}: the shifted sigmas collapse to {where}{detail}; {fix}")
+    return sigmas
 
 
 # ---------------------------------------------------------------------------------------------- solvers
@@ -179,7 +197,7 @@ def _check_sigmas(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
 
 
 def sample(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor | Sequence[float], solver: str = "euler",
-           *, callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           *, callback: Callable[[int, int, torch.Tensor], None] | None = None, check_every: int = 4) -> torch.Tensor:
     """Integrate ``dx/dt = velocity(x, t)`` from ``t = sigmas[0]`` (where ``x`` lives) to ``t = 0``.
 
     ``velocity(x, t)`` gets ``x`` in the dtype of the input ``x`` and ``t`` as a **0-dim tensor** on
@@ -191,6 +209,10 @@ def sample(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor | Sequence[
     for float64 ``x``); the result has ``x``'s dtype. ``callback(i, n, x)`` runs after step ``i`` of ``n``
     (0-based) with the solver's working tensor at ``sigmas[i + 1]`` (UniPC: before its correction); it must
     not modify it in place.
+
+    Non-finite values never pass: the working tensor is checked after every step (read back every
+    ``check_every`` steps and after the last, so a GPU waits on the host only that often) and
+    :class:`~rflow.errors.NonFiniteError` names the first step that produced NaN/inf.
     """
     fn = _SOLVER_FNS.get(solver)
     if fn is None:
@@ -199,12 +221,26 @@ def sample(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor | Sequence[
     dtype = x.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
     ts = torch.tensor(s, dtype=work, device=x.device)
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("the starting latents hold NaN/inf")
 
     def model(i: int, xi: torch.Tensor) -> torch.Tensor:
         return velocity(xi.to(dtype), ts[i]).to(work)
 
     n, out = len(s) - 1, x.to(work)
+    finite: list[torch.Tensor] = []  # one 0-dim bool per step, read (one device sync) every check_every steps
     for i, out in enumerate(fn(model, out, s)):
+        finite.append(torch.isfinite(out).all())
+        if len(finite) == check_every or i == n - 1:
+            _raise_if_not_finite(finite, i + 1 - len(finite), n)
+            finite.clear()
         if callback is not None:
             callback(i, n, out)
     return out.to(dtype)
+
+
+def _raise_if_not_finite(flags: list[torch.Tensor], first: int, n: int) -> None:
+    ok = torch.stack(flags).cpu()
+    if not bool(ok.all()):
+        step = first + int((~ok).nonzero()[0, 0])
+        raise NonFiniteError(f"the model produced NaN/inf at step {step + 1} of {n}")

@@ -14,7 +14,9 @@ config (depths, widths, heads, guidance embedder, each block's MLP width) is inf
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -88,7 +90,13 @@ def detect_format(keys: list[str]) -> tuple[str, str]:
 
 
 def _block_indices(keys, prefix: str) -> list[int]:
-    idx = {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    idx = set()
+    for k in keys:
+        if k.startswith(prefix):
+            n = k[len(prefix) :].split(".", 1)[0]
+            if not (n.isascii() and n.isdigit()):
+                raise UserError(f"unexpected tensor {k!r}: blocks are numbered {prefix}0, {prefix}1, ...")
+            idx.add(int(n))
     if idx and sorted(idx) != list(range(len(idx))):
         raise UserError(f"checkpoint blocks {prefix}N are not numbered 0..{len(idx) - 1}")
     return sorted(idx)
@@ -154,14 +162,16 @@ def _bfl_plan(keys: list[str], prefix: str) -> Plan:
 
 
 def _plan_shapes(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the BFL tensors a plan produces, from source shapes alone (no tensor is read)."""
+    """Shapes of the BFL tensors a plan produces, from source shapes alone (no tensor is read).
+
+    Concatenated sources of the wrong rank count as zero rows here; :func:`infer_config` names them."""
     out = {}
     for dst, (srcs, fn) in plan.items():
         if fn is _cat:
-            first = shapes[srcs[0]]
-            out[dst] = (sum(shapes[s][0] for s in srcs),) + tuple(first[1:])
+            parts = [tuple(shapes[s]) for s in srcs if len(shapes[s]) >= 1]
+            out[dst] = (sum(s[0] for s in parts),) + (parts[0][1:] if parts else ())
         else:
-            out[dst] = shapes[srcs[0]]
+            out[dst] = tuple(shapes[srcs[0]])
     return out
 
 
@@ -173,42 +183,216 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     return (head_dim - 2 * b, b, b)
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]], overrides: dict | None = None) -> FluxConfig:
-    """A :class:`FluxConfig` from BFL key shapes; ``overrides`` (from metadata or config.json) win for
-    what shapes cannot tell (RoPE axes, theta)."""
-    try:
-        hidden, in_ch = shapes["img_in.weight"]
-        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0] if "double_blocks.0.img_attn.norm.query_norm.scale" in shapes else shapes["single_blocks.0.norm.query_norm.scale"][0]
-        double = [
-            (shapes[f"double_blocks.{i}.img_mlp.0.weight"][0], shapes[f"double_blocks.{i}.txt_mlp.0.weight"][0])
-            for i in _block_indices(shapes, "double_blocks.")
-        ]
-        single = [shapes[f"single_blocks.{i}.linear1.weight"][0] - 3 * hidden for i in _block_indices(shapes, "single_blocks.")]
-        cfg = dict(
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            in_channels=in_ch,
-            out_channels=shapes["final_layer.linear.weight"][0],
-            context_in_dim=shapes["txt_in.weight"][1],
-            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
-            time_dim=shapes["time_in.in_layer.weight"][1],
-            qkv_bias=("double_blocks.0.img_attn.qkv.bias" in shapes) if double else True,
-            guidance_embed="guidance_in.in_layer.weight" in shapes,
-            axes_dim=default_axes_dim(head_dim),
-            double_mlp=double,
-            single_mlp=single,
-        )
-    except KeyError as e:
-        raise UserError(f"FLUX.1 checkpoint is missing {e.args[0]!r}") from None
-    if not double and not single:
+_NORM_SCALE = re.compile(r"(?:double_blocks\.\d+\.(?:img|txt)_attn|single_blocks\.\d+)\.norm\.(?:query|key)_norm\.scale")
+
+
+def _vote(values) -> int | None:
+    """The most common value that is not None (the first of equally common ones); None if there is none.
+
+    Most sizes are written in several tensors; taking the majority means a single corrupt tensor is
+    the one reported as wrong, not the many that disagree with it."""
+    counts: dict[int, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def _kind(key: str) -> str:
+    return "weight" if key.endswith(".weight") else "tensor"
+
+
+def expected_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a :class:`Flux` built from ``config`` and its shape (built on the meta device)."""
+    with torch.device("meta"):
+        model = Flux(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _why(key: str, cfg: FluxConfig) -> str:
+    """What a tensor's expected shape follows from, for error messages."""
+    h = cfg.hidden_size
+    m = re.match(r"double_blocks\.(\d+)\.(img|txt)_mlp\.", key)
+    if m:
+        return f"for hidden size {h} and MLP width {cfg.double_mlp[int(m[1])][m[2] == 'txt']}"
+    m = re.match(r"single_blocks\.(\d+)\.linear[12]\.", key)
+    if m:
+        return f"for hidden size {h} and MLP width {cfg.single_mlp[int(m[1])]}"
+    if key.endswith("_norm.scale"):
+        return f"for hidden size {h} with {cfg.num_heads} heads"
+    for prefix, what in (
+        ("img_in.", f"{cfg.in_channels} input channels"),
+        ("final_layer.linear.", f"{cfg.out_channels} output channels"),
+        ("txt_in.", f"{cfg.context_in_dim}-wide text embeddings"),
+        ("vector_in.in_layer.", f"{cfg.vec_in_dim}-wide pooled vectors"),
+        ("time_in.in_layer.", f"{cfg.time_dim}-wide timestep embeddings"),
+        ("guidance_in.in_layer.", f"{cfg.time_dim}-wide timestep embeddings"),
+    ):
+        if key.startswith(prefix):
+            return f"for hidden size {h} and {what}"
+    return f"for hidden size {h}"
+
+
+def _check_overrides(overrides) -> dict:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"config overrides must be a JSON object, got {type(overrides).__name__}")
+    out = {}
+    if "axes_dim" in overrides:
+        v = overrides["axes_dim"]
+        if not (
+            isinstance(v, (list, tuple)) and v
+            and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 and a % 2 == 0 for a in v)
+        ):
+            raise UserError(f"RoPE axes {v!r} must be a list of even non-negative integers")
+        out["axes_dim"] = tuple(v)
+    if "theta" in overrides:
+        v = overrides["theta"]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise UserError(f"RoPE theta {v!r} must be a positive number")
+        out["theta"] = v
+    return out
+
+
+def infer_config(
+    shapes: dict[str, tuple[int, ...]],
+    overrides: dict | None = None,
+    *,
+    plan: Plan | None = None,
+    source_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> FluxConfig:
+    """A :class:`FluxConfig` from BFL key shapes, checked against every tensor; ``overrides`` (from
+    metadata or config.json) win for what shapes cannot tell (RoPE axes, theta).
+
+    Every tensor must have exactly the shape a ``Flux(config)`` has for its name, every tensor of that
+    model must be present and no other: anything else is a :class:`UserError` naming the tensor.
+    ``plan`` and ``source_shapes`` (the checkpoint's own names and shapes, for a mapped layout such as
+    diffusers) make the errors name the checkpoint's tensors and check concatenated parts one by one.
+    """
+    shapes = {k: tuple(s) for k, s in shapes.items()}
+    if plan is None:
+        plan = {k: ([k], _one) for k in shapes}
+        source_shapes = shapes
+    elif source_shapes is None:
+        raise TypeError("infer_config: plan needs source_shapes")
+
+    def label(k: str) -> str:
+        srcs = plan[k][0] if k in plan else [k]
+        return srcs[0] if len(srcs) == 1 else f"{k} (from {', '.join(srcs)})"
+
+    def dim(k: str, rank: int, axis: int) -> int | None:
+        """Size ``axis`` of tensor ``k`` if it has rank ``rank`` and no empty dimension, else None."""
+        s = shapes.get(k)
+        if s is None or len(s) != rank or min(s) < 1:
+            return None
+        return s[axis]
+
+    def require(k: str, rank: int) -> tuple[int, ...]:
+        if k not in shapes:
+            raise UserError(f"FLUX.1 checkpoint is missing {k!r}")
+        s = shapes[k]
+        if len(s) != rank:
+            raise UserError(f"{label(k)} has shape {s}, expected a {rank}-D {_kind(k)}")
+        if min(s) < 1:
+            raise UserError(f"{label(k)} has shape {s}, expected no empty dimension")
+        return s
+
+    def positive(v: int | None) -> int | None:
+        return v if v is not None and v > 0 else None
+
+    double_idx = _block_indices(shapes, "double_blocks.")
+    single_idx = _block_indices(shapes, "single_blocks.")
+    if not double_idx and not single_idx:
         raise UserError("FLUX.1 checkpoint has no transformer blocks")
-    for k, v in (overrides or {}).items():
-        if k in ("axes_dim", "theta"):
-            cfg[k] = v
+
+    in_ch = require("img_in.weight", 2)[1]
+    hidden = _vote([dim("img_in.weight", 2, 0), dim("txt_in.weight", 2, 0), dim("time_in.in_layer.weight", 2, 0),
+                    dim("vector_in.in_layer.weight", 2, 0), dim("final_layer.linear.weight", 2, 1)])
+    out_ch = _vote([dim("final_layer.linear.weight", 2, 0), dim("final_layer.linear.bias", 1, 0)])
+    if out_ch is None:
+        out_ch = require("final_layer.linear.weight", 2)[0]
+    context_dim = require("txt_in.weight", 2)[1]
+    vec_dim = require("vector_in.in_layer.weight", 2)[1]
+    time_dim = _vote([dim("time_in.in_layer.weight", 2, 1), dim("guidance_in.in_layer.weight", 2, 1)])
+    if time_dim is None:
+        time_dim = require("time_in.in_layer.weight", 2)[1]
+
+    def head_dim_of(k: str) -> int | None:
+        d = dim(k, 1, 0)
+        return d if d is not None and d % 2 == 0 and hidden % d == 0 else None
+
+    head_dim = _vote([head_dim_of(k) for k in shapes if _NORM_SCALE.fullmatch(k)])
+    if head_dim is None:
+        first = "double_blocks.0.img_attn.norm.query_norm.scale" if double_idx else "single_blocks.0.norm.query_norm.scale"
+        s = require(first, 1)
+        raise UserError(f"{label(first)} has shape {s}, expected an even head dim that divides hidden size {hidden}")
+
+    double = []
+    for i in double_idx:
+        pair = []
+        for stream in ("img", "txt"):
+            b = f"double_blocks.{i}.{stream}_mlp"
+            w = _vote([dim(f"{b}.0.weight", 2, 0), dim(f"{b}.0.bias", 1, 0), dim(f"{b}.2.weight", 2, 1)])
+            pair.append(w if w is not None else require(f"{b}.0.weight", 2)[0])
+        double.append(tuple(pair))
+    single = []
+    for i in single_idx:
+        b = f"single_blocks.{i}"
+        rows, bias, cols = dim(f"{b}.linear1.weight", 2, 0), dim(f"{b}.linear1.bias", 1, 0), dim(f"{b}.linear2.weight", 2, 1)
+        w = _vote([positive(rows and rows - 3 * hidden), positive(bias and bias - 3 * hidden), positive(cols and cols - hidden)])
+        if w is None:
+            s = require(f"{b}.linear1.weight", 2)
+            raise UserError(
+                f"{label(b + '.linear1.weight')} has shape {s}, expected more than {3 * hidden} rows "
+                f"(q, k and v for hidden size {hidden}, then the MLP)"
+            )
+        single.append(w)
+    has_bias = [f"double_blocks.{i}.{s}_attn.qkv.bias" in shapes for i in double_idx for s in ("img", "txt")]
+    cfg = dict(
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        in_channels=in_ch,
+        out_channels=out_ch,
+        context_in_dim=context_dim,
+        vec_in_dim=vec_dim,
+        time_dim=time_dim,
+        qkv_bias=2 * sum(has_bias) >= len(has_bias) if has_bias else True,
+        guidance_embed=any(k.startswith("guidance_in.") for k in shapes),
+        axes_dim=default_axes_dim(head_dim),
+        double_mlp=double,
+        single_mlp=single,
+    )
+    cfg.update(_check_overrides(overrides))
     try:
-        return FluxConfig(**cfg)
-    except ValueError as e:
+        config = FluxConfig(**cfg)
+    except (TypeError, ValueError) as e:
         raise UserError(f"inconsistent FLUX.1 checkpoint: {e}") from None
+
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"FLUX.1 checkpoint is missing {missing[0]!r}{more}")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise UserError(
+            f"unexpected tensor {label(extra[0])!r} for a FLUX.1 transformer with {config.depth} double and "
+            f"{config.depth_single} single blocks"
+        )
+    for k, want in expected.items():
+        srcs = plan[k][0]
+        if len(srcs) == 1:
+            parts = [(srcs[0], want)]
+        else:  # q, k, v (and a single block's MLP input) concatenated: each part but the last is hidden-sized
+            rows = [hidden] * (len(srcs) - 1)
+            parts = [(s, (r,) + want[1:]) for s, r in zip(srcs, rows + [want[0] - sum(rows)])]
+        for s, w in parts:
+            got = tuple(source_shapes[s])
+            if got != w:
+                why = f"expected a {len(w)}-D {_kind(k)}" if len(got) != len(w) else f"expected {w} {_why(k, config)}"
+                raise UserError(f"{s} has shape {got}, {why}")
+    return config
 
 
 def family_of(cfg: FluxConfig) -> str:
@@ -241,11 +425,31 @@ class FluxCheckpoint:
                 overrides = json.loads(self.files.metadata[CONFIG_METADATA_KEY])
             except json.JSONDecodeError:
                 raise UserError(f"{p}: invalid {CONFIG_METADATA_KEY} metadata") from None
+            if not isinstance(overrides, dict):
+                raise UserError(f"{p}: invalid {CONFIG_METADATA_KEY} metadata (expected a JSON object)")
         if self.format == "diffusers" and p.is_dir() and (p / "config.json").exists():
             dc = read_json(p / "config.json")
-            if "axes_dims_rope" in dc:
-                overrides["axes_dim"] = tuple(dc["axes_dims_rope"])
-        self.config = infer_config(_plan_shapes(self.plan, self.files.shapes), overrides)
+            if isinstance(dc, dict) and "axes_dims_rope" in dc:
+                overrides["axes_dim"] = dc["axes_dims_rope"]
+        shapes = self.files.shapes
+        try:
+            self.config = infer_config(_plan_shapes(self.plan, shapes), overrides, plan=self.plan, source_shapes=shapes)
+            self._check_sources(keys)
+        except UserError as e:
+            raise UserError(f"{p}: {e}") from None
+
+    def _check_sources(self, keys: list[str]) -> None:
+        """No checkpoint tensor is left out of the plan (diffusers), and every one the plan reads is floating-point."""
+        used = [s for srcs, _ in self.plan.values() for s in srcs]
+        if self.format == "diffusers":
+            unused = set(keys) - set(used)
+            extra = [k for k in keys if k in unused and not k.startswith("rflow.")]
+            if extra:
+                raise UserError(f"unexpected tensor {extra[0]!r} in a diffusers FLUX.1 transformer")
+        for s in used:
+            dt = self.files.dtypes[s]
+            if not dt.is_floating_point:
+                raise UserError(f"{s} has dtype {str(dt).removeprefix('torch.')}, expected a floating-point tensor")
 
     def close(self):
         self.files.close()
@@ -281,17 +485,17 @@ class FluxCheckpoint:
             yield dst, fn([self.files.get(s, dtype) for s in srcs])
 
     def fingerprint(self) -> str:
-        """A short, stable id of the weights' structure and header (not a full hash of the data)."""
-        import hashlib
+        """Content fingerprint of the tensors under their BFL names (16 hex digits): a renamed or
+        re-prefixed copy matches, other weights of the same shapes do not (rflow.checkpoints.hashing)."""
+        from .hashing import content_fingerprint
 
-        h = hashlib.sha256()
-        for p in self.files.paths:
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}".encode())
-            with open(p, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                h.update(f.read(min(n, 1 << 24)))
-        return h.hexdigest()[:16]
+        return content_fingerprint(self.files.paths, {dst: list(srcs) for dst, (srcs, _) in self.plan.items()})
+
+    def model_hash(self) -> str:
+        """The "Model hash" of A1111/ComfyUI/Civitai: sha256 of the weights file(s), 10 hex digits."""
+        from .hashing import model_hash
+
+        return model_hash(self.files.paths)
 
 
 def load_flux(

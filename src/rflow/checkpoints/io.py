@@ -180,24 +180,11 @@ def open_weights(path: str | os.PathLike) -> SafetensorsFiles:
     return SafetensorsFiles(weight_files(p) if p.is_dir() else [p])
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and rename, so a crash never leaves half a file."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save`` written atomically."""
+    """``safetensors.torch.save`` written atomically (rflow.outputs)."""
     from safetensors.torch import save
+
+    from ..outputs import atomic_write_bytes
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)

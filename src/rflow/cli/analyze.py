@@ -18,11 +18,7 @@ import typer
 from rich.console import Console
 
 from ..errors import UserError
-
-console = Console(stderr=True)
-out = Console()
-
-MODEL_HELP = "model: rflow pipeline folder, BFL/ComfyUI .safetensors or diffusers folder (default: the embedded rflow-tiny)"
+from .common import MODEL_HELP, console, force_option, out, progress
 
 stats_app = typer.Typer(no_args_is_help=True, help="Activation statistics files: merge them, show what they say.")
 
@@ -32,18 +28,7 @@ def register(app) -> None:
     app.add_typer(stats_app, name="stats")
 
 
-def _check_output(path: Path, append: bool) -> None:
-    if not path.parent.exists():
-        raise UserError(f"{path.parent}: output directory does not exist")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a statistics file")
-    if append and not path.exists():
-        raise UserError(f"{path}: no such statistics file to --append to")
-    if not append and path.exists():
-        raise UserError(f"{path} already exists: use --append to add to it, or choose another output path")
-
-
-def _init_distributed(device: Optional[str]) -> tuple[int, int, bool, Optional[str]]:
+def _init_distributed(device):
     """(rank, world, whether we created the process group, device) from torchrun's environment."""
     import torch
     import torch.distributed as dist
@@ -58,11 +43,11 @@ def _init_distributed(device: Optional[str]) -> tuple[int, int, bool, Optional[s
         return 0, 1, False, device
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
     if use_cuda:
-        if device is None or device == "cuda":
-            device = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(device))
+        if device is None or device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
     created = False
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -84,37 +69,50 @@ def analyze_command(
     streams: Optional[str] = typer.Option(None, "--streams", help="img,txt,single (default: all)"),
     output: Path = typer.Option(..., "-o", "--output", help="statistics file to write (.safetensors)"),
     append: bool = typer.Option(False, "--append", help="add to the statistics already in OUTPUT"),
+    force: bool = force_option(),
     text_encoders: Optional[Path] = typer.Option(None, "--text-encoders", help="folder with text_encoder/ tokenizer/ text_encoder_2/ tokenizer_2/"),
     vae: Optional[Path] = typer.Option(None, "--vae", help="ae.safetensors or a diffusers vae/ folder"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16"),
 ):
     """Count how often each MLP unit fires (activation > 0) while the model samples a workload."""
-    from ..pipeline import load
-    from .stats import ActivationStats
-    from .units import parse_streams, select_units
-    from .workload import make_workload, parse_sizes, parse_steps
+    from .. import options
+    from ..compress.stats import ActivationStats
+    from ..compress.units import parse_streams, select_units
+    from ..compress.workload import make_workload, parse_sizes, parse_steps
+    from ..outputs import check_output
+    from ..paths import resolve_model
+    from ..pipeline import load, parse_dtype
 
     # Everything a user can get wrong is checked before the model loads (minutes for FLUX.1-dev).
     if calibration is not None and (prompts is not None or shapes is not None):
         raise UserError("--calibration picks the built-in prompts: give it, --prompts FILE or --shapes N, not several")
-    if calibration is not None and calibration < 1:
-        raise UserError(f"--calibration must be ≥ 1, got {calibration}")
     if prompts is not None and shapes is not None:
         raise UserError("give --prompts FILE or --shapes N, not both")
-    if cfg < 1:
-        raise UserError(f"--cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
+    for n, name in ((calibration, "--calibration"), (shapes, "--shapes")):
+        if n is not None:
+            options.integer(n, name, low=1, high=100_000)
+    options.number(guidance, "--guidance", low=0)
+    options.number(cfg, "--cfg", low=1)
     if steps is not None:
         parse_steps(steps)
     if sizes is not None:
         parse_sizes(sizes)
     parse_streams(streams)
-    _check_output(output, append)
+    options.layer_spec(layers)
+    if append and force:
+        raise UserError("give --append (add to OUTPUT) or --force (replace it), not both")
+    output = check_output(output, suffixes=(".safetensors",), force=force, append=append, can_append=True,
+                          what="the statistics file")
     existing = ActivationStats.load(output) if append else None
+    if existing is not None:
+        existing.check_usable(output)
+    dev = options.device(device) if device is not None else None
+    dt = parse_dtype(dtype) if dtype is not None else None
 
-    rank, world, created, device = _init_distributed(device)
+    rank, world, created, dev = _init_distributed(dev)
     try:
-        pipe = load(model, text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+        pipe = load(resolve_model(model), text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
         cfg_m = pipe.transformer.config
         if existing is not None and layers is None and streams is None:
             units = list(existing.units)
@@ -126,6 +124,7 @@ def analyze_command(
                                  steps=steps, seed=seed, default_size=pipe.default_size, default_steps=20)
         result = _run(pipe, workload, units, guidance, cfg, existing, rank, world)
         if rank == 0:
+            result.check_usable(output)
             result.save(output)
             n = sum(result.count[u].numel() for u in units)
             console.print(f"analyzed {len(workload.prompts)} prompts on {world} process(es): {len(units)} unit groups, "
@@ -134,37 +133,44 @@ def analyze_command(
             print(output)
     finally:
         if created:
-            import torch.distributed as dist
+            _teardown_distributed()
 
-            dist.destroy_process_group()
+
+def _teardown_distributed() -> None:
+    """Leave the process group on every rank: wait for the others (so no rank exits while a peer still
+    talks to it), then destroy the group; a failing barrier (a peer already gone) is not an error."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer that failed first; destroying the group is all that is left
+        pass
+    dist.destroy_process_group()
 
 
 def _run(pipe, workload, units, guidance, cfg, existing, rank, world):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..compress.analyze import analyze_distributed
 
-    from .analyze import analyze_distributed
-
-    show = rank == 0 and console.is_terminal
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not show) as progress:
-        task = progress.add_task("analyzing" + (f" (rank 0 of {world})" if world > 1 else ""), total=None)
-
-        def on_run(done, total, _run):
-            progress.update(task, completed=done, total=total)
-
-        return analyze_distributed(pipe, workload, units=units, guidance=guidance, cfg=cfg, progress=on_run,
-                                   stats=existing)
+    n_runs = len(workload.prompts)
+    if rank != 0:
+        return analyze_distributed(pipe, workload, units=units, guidance=guidance, cfg=cfg, stats=existing)
+    with progress("analyzing" + (f" (rank 0 of {world})" if world > 1 else ""), n_runs) as update:
+        return analyze_distributed(pipe, workload, units=units, guidance=guidance, cfg=cfg, stats=existing,
+                                   progress=lambda done, total, _run: update(done, total=total))
 
 
 @stats_app.command("merge")
 def merge_command(
     inputs: list[Path] = typer.Argument(..., help="statistics files of the same model"),
     output: Path = typer.Option(..., "-o", "--output", help="merged statistics file"),
-    force: bool = typer.Option(False, "--force", help="replace OUTPUT if it exists"),
+    force: bool = force_option(),
 ):
     """Sum statistics files exactly (counts, Σ|a|, Σa², positions); they must come from the same model."""
-    from .analyze import accumulate
-    from .stats import ActivationStats
+    from ..compress.analyze import accumulate
+    from ..compress.stats import ActivationStats
+    from ..outputs import check_output
 
     if len(inputs) < 2:
         raise UserError("give at least two statistics files to merge")
@@ -172,10 +178,7 @@ def merge_command(
     dup = next((p for i, p in enumerate(inputs) if resolved[i] in resolved[:i]), None)
     if dup is not None:
         raise UserError(f"{dup} is listed twice: its positions would count twice")
-    if not output.parent.exists():
-        raise UserError(f"{output.parent}: output directory does not exist")
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists: choose another path or pass --force")
+    output = check_output(output, suffixes=(".safetensors",), force=force, what="the statistics file")
     total = ActivationStats.load(inputs[0])
     for p in inputs[1:]:
         other = ActivationStats.load(p)
@@ -193,17 +196,17 @@ def merge_command(
 def show_command(
     path: Path = typer.Argument(..., help="statistics file"),
     heatmap: Optional[Path] = typer.Option(None, "--heatmap", help="also draw the firing-frequency heatmap to this PNG"),
+    force: bool = force_option(),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Per-layer summary: width, positions, units that never fired, firing-frequency quantiles."""
-    from . import report
-    from .stats import ActivationStats
+    from ..compress import report
+    from ..compress.stats import ActivationStats
+
+    from ..outputs import check_output
 
     if heatmap is not None:
-        if heatmap.suffix.lower() != ".png":
-            raise UserError(f"{heatmap}: the heatmap must be a .png file")
-        if not heatmap.parent.exists():
-            raise UserError(f"{heatmap.parent}: output directory does not exist")
+        heatmap = check_output(heatmap, suffixes=(".png",), force=force, what="the heatmap")
     stats = ActivationStats.load(path)
     rows = report.summary(stats)
     t = report.totals(stats)

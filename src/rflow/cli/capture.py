@@ -1,5 +1,4 @@
-"""CLI commands of the compression workbench: ``rflow capture``, ``rflow distill`` and ``rflow patch apply``;
-registered on the main app by rflow.cli."""
+"""``rflow capture``, ``rflow distill`` and ``rflow patch apply``."""
 
 from __future__ import annotations
 
@@ -8,22 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-
-err_console = Console(stderr=True)
-out_console = Console()
-
-MODEL_HELP = "model: rflow pipeline folder, BFL/ComfyUI .safetensors or diffusers folder (default: embedded rflow-tiny)"
-
-
-def _progress():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err_console, transient=True, disable=not err_console.is_terminal)
+from .common import MODEL_HELP, console, force_option, out, progress
 
 
 def _width(w) -> str:
@@ -50,46 +37,53 @@ def register(app) -> None:
         solver: str = typer.Option("euler", "--solver"),
         store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="fp32 | bf16 | fp16 (default: the model's)"),
         shard_size: str = typer.Option("256MiB", "--shard-size", help="target shard size"),
-        force: bool = typer.Option(False, "--force", help="write into a non-empty folder that is not a capture"),
+        force: bool = force_option(),
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="model dtype: fp32 | bf16 | fp16"),
     ):
         """Run prompts through a model and save block inputs/outputs for distillation and evaluation."""
+        from .. import options
+        from ..compress.capture import capture, format_bytes, parse_bytes
+        from ..compress.workload import make_workload, parse_sizes, parse_steps
+        from ..outputs import check_output
+        from ..paths import resolve_model
         from ..pipeline import load, parse_dtype
         from ..sampling import SOLVERS
-        from .capture import _prepare_dir, capture, format_bytes, parse_bytes
-        from .workload import make_workload
 
         budget_bytes, shard_bytes = parse_bytes(budget), parse_bytes(shard_size)
         sources = [s for s, v in (("--prompts", prompts), ("--shapes", shapes_n), ("--calibration", calibration)) if v is not None]
         if len(sources) != 1:
             raise UserError("give exactly one of --prompts FILE, --shapes N or --calibration N"
                             + (f" (got {', '.join(sources)})" if sources else ""))
-        if calibration is not None and calibration < 1:
-            raise UserError(f"--calibration must be ≥ 1, got {calibration}")
-        if every < 1:
-            raise UserError(f"--every must be ≥ 1, got {every}")
+        for n, name in ((calibration, "--calibration"), (shapes_n, "--shapes")):
+            if n is not None:
+                options.integer(n, name, low=1, high=100_000)
+        options.integer(every, "--every", low=1)
         if in_out_only and layers is not None:
             raise UserError("give --layers or --in-out-only, not both")
+        options.layer_spec(layers)
         if solver not in SOLVERS:
             raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        if cfg < 1:
-            raise UserError(f"--cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
+        options.number(guidance, "--guidance", low=0)
+        options.number(cfg, "--cfg", low=1)
+        if sizes is not None:
+            parse_sizes(sizes)
+        if steps is not None:
+            parse_steps(steps)
         sdt = parse_dtype(store_dtype) if store_dtype else None
-        _prepare_dir(output, force, create=False)  # refuse a foreign non-empty folder before loading anything
-        pipe = load(model, device=device, dtype=dtype)
+        dt = parse_dtype(dtype) if dtype else None
+        output = check_output(output, kind="dir", force=force, what="the capture folder")
+        dev = options.device(device) if device is not None else None
+        pipe = load(resolve_model(model), device=dev, dtype=dt)
         wl = make_workload(prompts_file=prompts, shapes_n=shapes_n, calibration_n=calibration or 64, sizes=sizes,
                            steps=steps, seed=seed, default_size=pipe.default_size)
-        with _progress() as progress:
-            task = progress.add_task("capturing", total=len(wl.prompts))
+        with progress("capturing", len(wl.prompts)) as update:
             res = capture(pipe, wl, output, layers=layers, every=every, in_out_only=in_out_only, budget_bytes=budget_bytes,
                           guidance=guidance, cfg=cfg, solver=solver, store_dtype=sdt, shard_bytes=shard_bytes, force=force,
-                          progress=lambda d: progress.update(task, completed=d["run"]))
-        if res["records"] == 0:
-            raise UserError(f"--budget {budget} is too small for even one record; nothing was captured")
+                          progress=lambda d: update(d["run"]))
         note = f"; stopped at the budget after {res['runs_done']}/{res['runs']} runs" if res["stopped"] else ""
-        err_console.print(f"{res['records']} records in {res['shards']} shard(s), {format_bytes(res['bytes'])}{note}",
-                          highlight=False)
+        console.print(f"{res['records']} records in {res['shards']} shard(s), {format_bytes(res['bytes'])}{note}",
+                      highlight=False)
         print(res["dir"])
 
     @app.command("distill")
@@ -105,50 +99,53 @@ def register(app) -> None:
         batch: int = typer.Option(8, "--batch", help="records per step"),
         holdout: float = typer.Option(0.2, "--holdout", help="share of the capture held out for evaluation"),
         seed: int = typer.Option(0, "--seed"),
+        force: bool = force_option(),
         device: Optional[str] = typer.Option(None, "--device"),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     ):
         """Retrain a pruned student's blocks to reproduce the teacher's captured block outputs."""
-        from ..checkpoints.io import atomic_write_bytes
+        from .. import options
+        from ..compress.capture import CaptureReader
+        from ..compress.distill import TRAIN_MODES, distill
+        from ..compress.patches import load_transformer, patch_tensors
+        from ..outputs import check_output, replacing_all
+        from ..paths import model_name, resolve_model
         from ..pipeline import default_device
-        from .capture import CaptureReader
-        from .distill import TRAIN_MODES, distill
-        from .patches import load_transformer, save_patches
 
         if train not in TRAIN_MODES:
             raise UserError(f"unknown --train {train!r}; choose mlp or block")
-        if steps < 1 or batch < 1 or lr <= 0:
-            raise UserError("--steps and --batch must be ≥ 1 and --lr > 0")
-        if not 0 < holdout < 1:
-            raise UserError(f"--holdout must be in (0, 1), got {holdout}")
-        if output.suffix.lower() != ".safetensors":
-            raise UserError(f"{output}: the patch file must be a .safetensors file")
-        if not output.parent.is_dir():
-            raise UserError(f"{output.parent}: output directory does not exist")
+        options.integer(steps, "--steps", low=1, high=10_000_000)
+        options.integer(batch, "--batch", low=1, high=4096)
+        options.number(lr, "--lr", low=0, low_open=True, high=1)
+        options.number(holdout, "--holdout", low=0, high=1, low_open=True, high_open=True)
+        options.layer_spec(layers)
+        output = check_output(output, suffixes=(".safetensors",), force=force, what="the patch file")
+        report_path = check_output(output.with_suffix(".json"), force=force, what="the report")
+        dev = options.device(device) if device is not None else default_device()
         reader = CaptureReader(capture_dir)
-        teacher_model, teacher_fp = load_transformer(teacher, device="cpu")
+        teacher_model, teacher_fp = load_transformer(resolve_model(teacher), device="cpu")
         if reader.fingerprint and teacher_fp and reader.fingerprint != teacher_fp:
             raise UserError(f"{capture_dir}: captured from model {reader.fingerprint}, but the teacher is {teacher_fp}")
-        student_model, student_fp = load_transformer(student, device="cpu")
-        dev = device or default_device()
-        with _progress() as progress:
-            task = progress.add_task("distilling", total=None)
-
+        student_model, student_fp = load_transformer(resolve_model(student), device="cpu")
+        with progress("distilling", steps) as update:
             def on_step(d):
-                progress.update(task, description=f"layer {d['layer']} loss {d['loss']:.3g}", completed=d["step"], total=d["steps"])
+                update(d["step"], total=d["steps"], description=f"layer {d['layer']} loss {d['loss']:.3g}")
 
             patches, report = distill(teacher_model, student_model, reader, layers=layers, train=train, steps=steps, lr=lr,
                                       batch=batch, holdout=holdout, seed=seed, device=dev, progress=on_step)
-        save_patches(output, patches, train=train, report=report, teacher_fingerprint=teacher_fp,
-                     student_fingerprint=student_fp)
         summary = {"schema": "rflow.distill_report", "version": 1, "patches": output.name, "capture": str(capture_dir),
-                   "teacher": str(teacher) if teacher else "rflow-tiny", "teacher_fingerprint": teacher_fp,
-                   "student": str(student), "student_fingerprint": student_fp, "train": train, "steps": steps, "lr": lr,
+                   "teacher": model_name(teacher), "teacher_fingerprint": teacher_fp,
+                   "student": model_name(student), "student_fingerprint": student_fp, "train": train, "steps": steps, "lr": lr,
                    "batch": batch, "holdout": holdout, "seed": seed, "layers": report}
-        report_path = output.with_suffix(".json")
-        atomic_write_bytes(report_path, json.dumps(summary, indent=1).encode())
+        with replacing_all([output, report_path]) as (tmp_patches, tmp_report):
+            tensors, metadata = patch_tensors(patches, train=train, report=report, teacher_fingerprint=teacher_fp,
+                                              student_fingerprint=student_fp)
+            from ..checkpoints.io import save_safetensors
+
+            save_safetensors(tensors, tmp_patches, metadata)
+            tmp_report.write_text(json.dumps(summary, indent=1))
         if as_json:
-            out_console.print_json(json.dumps(summary))
+            print(json.dumps(summary))
         else:
             t = Table(title=f"distillation ({train}, {steps} steps, held-out MSE)")
             for col, just in (("layer", "right"), ("block", "left"), ("MLP width", "left"), ("initial", "right"),
@@ -160,7 +157,7 @@ def register(app) -> None:
                           f"{_width(r['teacher_mlp'])} → {_width(r['student_mlp'])}",
                           f"{r['initial_heldout_mse']:.4g}", f"{r['final_heldout_mse']:.4g}", f"{change:+.1f}%",
                           f"{r['final_train_loss']:.4g}")
-            out_console.print(t)
+            out.print(t)
         print(output)
         print(report_path)
 
@@ -171,11 +168,14 @@ def register(app) -> None:
         model: Path = typer.Argument(..., help="the student the patches were trained for (rflow folder or .safetensors)"),
         patches: Path = typer.Argument(..., help="patch file from rflow distill"),
         output: Path = typer.Option(..., "-o", "--output", help="new model: a folder for an rflow folder, else a .safetensors"),
-        force: bool = typer.Option(False, "--force", help="apply patches trained for another student fingerprint"),
+        force: bool = force_option(),
+        any_student: bool = typer.Option(False, "--any-student", help="apply patches trained for another student "
+                                         "(the shapes must still match)"),
     ):
         """Write MODEL with PATCHES applied as a new model of the same kind."""
-        from .patches import write_patched
+        from ..compress.patches import write_patched
+        from ..paths import resolve_model
 
-        print(write_patched(model, patches, output, force=force))
+        print(write_patched(resolve_model(model), patches, output, force=force, any_student=any_student))
 
     app.add_typer(patch_app, name="patch")

@@ -1,31 +1,18 @@
-"""The ``rflow`` command: a thin layer over the library. Bad input -> one line on stderr, exit code 2."""
+"""``rflow generate``, ``rflow eval``, ``rflow train`` and ``rflow info``."""
 
 from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .errors import UserError
-
-try:  # typer ≥ 0.26 carries its own parser; older releases raise click's exceptions
-    from typer import TyperException as _CliError
-except ImportError:  # pragma: no cover
-    from click import ClickException as _CliError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="rflow: rectified-flow diffusion transformers (FLUX.1) on one GPU.")
-console = Console(stderr=True)
-out = Console()
-
-MODEL_HELP = "transformer checkpoint: BFL/ComfyUI .safetensors, diffusers transformer/ or pipeline folder"
+from .. import __version__
+from ..errors import UserError, warn
+from .common import MODEL_HELP, console, force_option, out, progress
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -55,7 +42,22 @@ def output_paths(out_path: Path, n: int) -> list[Path]:
     return [out_path.with_name(f"{out_path.stem}-{i}{out_path.suffix}") for i in range(n)]
 
 
-@app.command()
+def read_image(path: Path):
+    """The image at ``path``, fully decoded now (a truncated or foreign file is a one-line error)."""
+    from PIL import Image
+
+    if not path.exists():
+        raise UserError(f"{path}: no such image")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not an image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image ({' '.join(str(e).split()) or type(e).__name__})") from None
+
+
 def generate(
     prompt: str = typer.Argument(..., help="what to draw"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -64,132 +66,149 @@ def generate(
     patches: Optional[Path] = typer.Option(None, "--patches", help="distilled layer patches (rflow distill) to swap in"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (used when --cfg > 1)"),
     size: Optional[str] = typer.Option(None, "--size", help="WxH in pixels (default: the model's native size)"),
-    steps: int = typer.Option(28, "--steps"),
+    steps: int = typer.Option(28, "--steps", help="sampling steps (1-10000)"),
     guidance: float = typer.Option(3.5, "--guidance", help="distilled guidance (models with a guidance embedder)"),
     cfg: float = typer.Option(1.0, "--cfg", help="true CFG scale; > 1 runs the negative prompt too"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="noise seed, 0 … 2^64 − 1"),
     solver: str = typer.Option("euler", "--solver", help="euler | dpm++2m | unipc"),
     batch: int = typer.Option(1, "--batch", help="images per prompt"),
     image: Optional[Path] = typer.Option(None, "--image", help="start from this image (img2img)"),
     strength: float = typer.Option(1.0, "--strength", help="img2img: 1 ignores the image, 0 keeps it"),
     output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png …"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    force: bool = force_option(),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | mps (default: cuda if present)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16"),
 ):
     """Generate images from a prompt and save them as PNG with their settings embedded."""
     import time
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from .. import options
+    from ..outputs import check_output, replacing_all
+    from ..paths import resolve_model
+    from ..pipeline import load, parse_dtype
+    from ..sampling import SOLVERS
 
-    from .pipeline import load
-    from .sampling import SOLVERS
-
+    # Everything a user can get wrong is checked before the model loads (minutes for FLUX.1-dev).
     width, height = parse_size(size) if size else (None, None)
-    if solver not in SOLVERS:  # checked before loading, which can take minutes for FLUX.1-dev
+    if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if steps < 1:
-        raise UserError(f"--steps must be ≥ 1, got {steps}")
-    if cfg < 1:
-        raise UserError(f"--cfg must be ≥ 1 (1 disables true CFG), got {cfg}")
-    if batch < 1:
-        raise UserError(f"--batch must be ≥ 1, got {batch}")
-    if image is not None and not image.exists():
-        raise UserError(f"{image}: no such image")
-    if output.suffix.lower() != ".png":
-        raise UserError(f"{output}: output must be a .png file")
-    if not output.parent.exists():
-        raise UserError(f"{output.parent}: output directory does not exist")
-    kw = dict(text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+    options.steps(steps)
+    options.number(guidance, "--guidance", low=0)
+    options.number(cfg, "--cfg", low=1)
+    options.integer(batch, "--batch", low=1, high=4096)
+    options.number(strength, "--strength", low=0, high=1)
+    paths = [check_output(p, suffixes=(".png",), force=force) for p in output_paths(output, batch)]
+    init = read_image(image) if image is not None else None
+    if negative is not None and cfg <= 1:
+        warn("--negative is used only with --cfg > 1 (true CFG); it is ignored")
+    if image is None and strength != 1.0:
+        warn("--strength is used only with --image; it is ignored")
+    dev = options.device(device) if device is not None else None
+    dt = parse_dtype(dtype) if dtype is not None else None
+    model_path = resolve_model(model)
+    kw = dict(text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
     if patches is not None:
-        from .compress.patches import load_with_patches
+        from ..compress.patches import load_with_patches
 
-        pipe = load_with_patches(model, patches, **kw)
+        pipe = load_with_patches(model_path, patches, **kw)
     else:
-        pipe = load(model, **kw)
+        pipe = load(model_path, **kw)
     width, height = width or pipe.default_size[0], height or pipe.default_size[1]
+    pipe.check_request(batch, width, height, cfg=cfg)
+    pipe.check_prompts([prompt] + ([negative] if negative and cfg > 1 else []))
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("sampling", total=None)
-
-        def callback(i, n, _x):
-            progress.update(task, completed=i + 1, total=n)
-
+    with progress("sampling", steps) as update:
         images = pipe.generate([prompt] * batch, negative_prompt=negative, width=width, height=height, steps=steps,
-                               guidance=guidance, cfg=cfg, seed=seed, solver=solver, image=image, strength=strength,
-                               callback=callback)
+                               guidance=guidance, cfg=cfg, seed=seed, solver=solver, image=init, strength=strength,
+                               callback=lambda i, n, _x: update(i + 1, total=n))
     elapsed = time.perf_counter() - t0
     settings = {
         "prompt": prompt, "negative_prompt": negative, "steps": steps, "solver": solver, "guidance": guidance,
         "cfg": cfg, "seed": seed, "width": width, "height": height, "batch": batch, "model": pipe.name,
-        "model_hash": pipe.fingerprint, "schedule": pipe.schedule.kind, "shift": pipe.schedule.shift,
-        "image": str(image) if image else None, "strength": strength if image else None,
-        "patches": str(patches) if patches else None, "rflow": __version__,
+        "model_hash": pipe.model_hash, "fingerprint": pipe.fingerprint, "schedule": pipe.schedule.kind,
+        "shift": pipe.schedule.shift, "image": str(image) if image else None, "strength": strength if image else None,
+        "patches": str(patches) if patches else None, "patches_hash": pipe.patches_hash or None, "rflow": __version__,
     }
-    from .checkpoints.io import atomic_write_bytes
+    with replacing_all(paths) as tmps:
+        for i, (img, tmp) in enumerate(zip(images, tmps)):
+            params = (f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "")
+                      + f"Steps: {steps}, Sampler: {solver}, Guidance: {guidance}, CFG scale: {cfg}, Seed: {seed}, "
+                      f"Size: {width}x{height}, Model: {pipe.name}, Model hash: {pipe.model_hash}, "
+                      + (f"Patches hash: {pipe.patches_hash}, " if pipe.patches_hash else "")
+                      + (f"Batch size: {batch}, Batch pos: {i}, " if batch > 1 else "")
+                      + (f"Denoising strength: {strength}, " if image else "")
+                      + f"Version: rflow {__version__}")
+            tmp.write_bytes(png_bytes(img, params, {**settings, "batch_index": i}))
+    for p in paths:
+        print(p)
+    console.print(f"{batch} image(s) {width}x{height}, {steps} steps in {elapsed:.2f} s", highlight=False)
 
-    for i, (img, path) in enumerate(zip(images, output_paths(output, batch))):
-        params = (f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "")
-                  + f"Steps: {steps}, Sampler: {solver}, Guidance: {guidance}, CFG scale: {cfg}, Seed: {seed}, "
-                  f"Size: {width}x{height}, Model: {pipe.name}, Model hash: {pipe.fingerprint}, "
-                  + (f"Batch size: {batch}, Batch pos: {i}, " if batch > 1 else "")
-                  + (f"Denoising strength: {strength}, " if image else "")
-                  + f"Version: rflow {__version__}")
-        atomic_write_bytes(path, png_bytes(img, params, {**settings, "batch_index": i}))
-        print(path)
-    console.print(f"{batch} image(s) {width}x{height}, {steps} steps in {elapsed:.2f} s")
 
-
-@app.command("eval")
 def eval_(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="rflow-tiny pipeline folder (default: the embedded model)"),
-    prompts: int = typer.Option(200, "--prompts", help="prompts from the training grammar"),
-    heldout: int = typer.Option(50, "--heldout", help="prompts with held-out colour×shape pairs (0: skip)"),
+    shapes_n: int = typer.Option(200, "--shapes", help="N prompts from the training grammar"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="prompt file (shapes-world prompts, one per line) instead of --shapes"),
+    heldout: int = typer.Option(50, "--heldout", help="N prompts with held-out colour×shape pairs (0: skip)"),
     steps: int = typer.Option(20, "--steps"),
     solver: str = typer.Option("euler", "--solver"),
     seed: int = typer.Option(0, "--seed"),
     guidance: float = typer.Option(3.5, "--guidance"),
     cfg: float = typer.Option(1.0, "--cfg"),
     grid: Path = typer.Option(Path("eval-grid.png"), "-o", "--grid", help="sample grid PNG"),
+    force: bool = force_option(),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     device: Optional[str] = typer.Option(None, "--device"),
 ):
     """Score a model's adherence to shapes-world prompts: overall, per attribute, held-out pairs."""
-    from . import shapes
-    from .checkpoints.io import atomic_write_bytes
-    from .evaluate import evaluate
-    from .pipeline import load
+    from .. import options, shapes
+    from ..compress.workload import read_prompts
+    from ..evaluate import evaluate
+    from ..outputs import check_output, replacing
+    from ..paths import resolve_model
+    from ..pipeline import load
+    from ..sampling import SOLVERS
 
-    if prompts < 1 or heldout < 0 or steps < 1:
-        raise UserError("--prompts and --steps must be ≥ 1, --heldout ≥ 0")
-    if grid.suffix.lower() != ".png" or not grid.parent.exists():
-        raise UserError(f"{grid}: grid must be a .png in an existing directory")
-    pipe = load(model, device=device)
-    res = evaluate(pipe, n=prompts, heldout=heldout, steps=steps, solver=solver, seed=seed, guidance=guidance, cfg=cfg)
+    options.integer(shapes_n, "--shapes", low=1, high=100_000)
+    options.integer(heldout, "--heldout", low=0, high=100_000)
+    options.steps(steps)
+    options.number(guidance, "--guidance", low=0)
+    options.number(cfg, "--cfg", low=1)
+    if solver not in SOLVERS:
+        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    grid = check_output(grid, suffixes=(".png",), force=force, what="the grid")
+    prompt_list = None
+    if prompts is not None:
+        prompt_list = read_prompts(prompts)
+        for p in prompt_list:
+            shapes.parse(p)  # only shapes-world prompts can be scored
+    dev = options.device(device) if device is not None else None
+    pipe = load(resolve_model(model), device=dev)
+    total = (len(prompt_list) if prompt_list else shapes_n) + heldout
+    with progress("evaluating", total) as update:
+        res = evaluate(pipe, n=shapes_n, prompts=prompt_list, heldout=heldout, steps=steps, solver=solver, seed=seed,
+                       guidance=guidance, cfg=cfg, progress=update)
     k = min(len(res.images), 32)
-    buf = io.BytesIO()
-    shapes.grid(res.images[:k], res.prompts[:k], cols=8).save(buf, format="PNG")
-    atomic_write_bytes(grid, buf.getvalue())
-    summary = {"model": pipe.name, "model_hash": pipe.fingerprint, "steps": steps, "solver": solver, "seed": seed,
+    with replacing(grid) as tmp:
+        shapes.grid(res.images[:k], res.prompts[:k], cols=8).save(tmp, format="PNG")
+    summary = {"model": pipe.name, "model_hash": pipe.model_hash, "steps": steps, "solver": solver, "seed": seed,
                "guidance": guidance, "cfg": cfg, **res.summary()}
     if as_json:
-        out.print_json(json.dumps(summary))
-    else:
-        t = Table(title=f"{pipe.name} · {solver} · {steps} steps")
-        t.add_column("")
-        t.add_column(f"grammar ({len(res.prompts)})", justify="right")
-        reports = [res.report]
-        if res.heldout_report:
-            t.add_column(f"held-out pairs ({len(res.heldout_prompts)})", justify="right")
-            reports.append(res.heldout_report)
-        t.add_row("adherence", *(f"{r.adherence:.3f}" for r in reports), end_section=True)
-        for a in res.report.accuracy:
-            t.add_row(a, *(f"{r.accuracy[a]:.3f}" for r in reports))
-        out.print(t)
-        print(f"grid: {grid}")
+        print(json.dumps(summary))
+        return
+    t = Table(title=f"{pipe.name} · {solver} · {steps} steps")
+    t.add_column("")
+    t.add_column(f"grammar ({len(res.prompts)})", justify="right")
+    reports = [res.report]
+    if res.heldout_report:
+        t.add_column(f"held-out pairs ({len(res.heldout_prompts)})", justify="right")
+        reports.append(res.heldout_report)
+    t.add_row("adherence", *(f"{r.adherence:.3f}" for r in reports), end_section=True)
+    for a in res.report.accuracy:
+        t.add_row(a, *(f"{r.accuracy[a]:.3f}" for r in reports))
+    out.print(t)
+    print(f"grid: {grid}")
 
 
-@app.command()
 def train(
     output: Path = typer.Option(..., "-o", "--output", help="run folder: train_state.safetensors, model/"),
     full: bool = typer.Option(False, "--full", help="train the whole model from scratch (rflow-tiny on the shapes world)"),
@@ -204,50 +223,66 @@ def train(
     """Train rflow-tiny from scratch (flow matching, AdamW, EMA); atomic checkpoints, exact resume."""
     import time
 
-    from . import tiny
-    from .train.full import TrainConfig, Trainer
+    from .. import options, tiny
+    from ..outputs import check_output
+    from ..train.full import STATE_FILE, TrainConfig, Trainer
 
     if not full:
         raise UserError("only full training (--full) is available in this version")
-    if steps < 1 or batch < 1 or lr <= 0 or checkpoint_every < 1:
-        raise UserError("--steps, --batch, --checkpoint-every must be ≥ 1 and --lr > 0")
+    options.integer(steps, "--steps", low=1, high=10_000_000)
+    options.integer(batch, "--batch", low=1, high=4096)
+    options.number(lr, "--lr", low=0, low_open=True, high=1)
+    options.integer(checkpoint_every, "--checkpoint-every", low=1)
+    output = output.expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder; the run folder must be a folder")
+    if resume and not (output / STATE_FILE).is_file():
+        raise UserError(f"{output / STATE_FILE}: nothing to resume")
+    if not resume and output.is_dir() and any(output.iterdir()):
+        raise UserError(f"{output} already exists: continue that run with --resume, or choose a new folder")
+    check_output(output, kind="dir", force=True, what="the run folder")  # a writable place
+    dev = options.device(device) if device is not None else None
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
     pipe = tiny.build(seed=cfg.model_seed)
-    if device:
-        pipe.transformer.to(device), pipe.text_encoders.to(device), pipe.vae.to(device)
+    if dev is not None:
+        pipe.transformer.to(dev), pipe.text_encoders.to(dev), pipe.vae.to(dev)
     trainer = Trainer(pipe, cfg, output)
     t0 = time.perf_counter()
-
-    def progress(row):
-        if row["step"] % 50 == 0 or row["step"] == cfg.steps:
+    with progress("training", cfg.steps) as update:
+        def on_step(row):
             recent = [r["loss"] for r in trainer.log[-50:]]
-            console.print(f"step {row['step']}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
-                          f"lr {row['lr']:.2e} {time.perf_counter() - t0:.0f}s", highlight=False)
+            update(row["step"], description=f"training (loss {sum(recent) / len(recent):.4f})")
 
-    result = trainer.run(resume=resume, progress=progress)
+        result = trainer.run(resume=resume, progress=on_step)
     command = f"rflow train --full -o {output} --steps {steps} --batch {batch} --lr {lr} --seed {seed}"
     path = trainer.export(Path(output) / "model", extra={"training": {
         "command": command, "steps": result["step"], "seed": seed, "final_loss": result["loss"]}})
+    console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {time.perf_counter() - t0:.0f} s", highlight=False)
     print(path)
 
 
-@app.command()
-def info(path: Path = typer.Argument(..., help="a checkpoint file or folder"),
+def info(path: Path = typer.Argument(..., help="a checkpoint file or folder, or rflow-tiny"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Tell what a checkpoint is: family, format, parameter count, dtypes, depth, per-block MLP widths."""
-    from .checkpoints.flux import FluxCheckpoint
+    from ..checkpoints.flux import FluxCheckpoint
+    from ..paths import transformer_path
 
-    with FluxCheckpoint(path) as ck:
+    with FluxCheckpoint(transformer_path(path)) as ck:
         s = ck.info().summary()
     if as_json:
-        out.print_json(json.dumps(s))
+        print(json.dumps(s))
+        return
+    rows = [(k, f"{s[k]:,}" if k == "parameters" else str(s[k])) for k in (
+        "path", "family", "format", "parameters", "dtypes", "double_blocks", "single_blocks", "hidden_size", "heads",
+        "guidance_embed")]
+    rows += [("double_mlp (img, txt)", _widths(s["double_mlp"])), ("single_mlp", _widths(s["single_mlp"]))]
+    if not out.is_terminal:  # piped: plain lines, nothing cut
+        for k, v in rows:
+            print(f"{k}: {v}")
         return
     t = Table(show_header=False, box=None)
-    for k in ("path", "family", "format", "parameters", "dtypes", "double_blocks", "single_blocks", "hidden_size", "heads", "guidance_embed"):
-        v = s[k]
-        t.add_row(k, f"{v:,}" if k == "parameters" else str(v))
-    t.add_row("double_mlp (img, txt)", _widths(s["double_mlp"]))
-    t.add_row("single_mlp", _widths(s["single_mlp"]))
+    for k, v in rows:
+        t.add_row(k, v)
     out.print(t)
 
 
@@ -264,52 +299,8 @@ def _widths(ws: list) -> str:
     return ", ".join(parts) or "-"
 
 
-def _register_compression_commands() -> None:
-    from .compress import cli_analyze, cli_capture, cli_prune
-
-    for mod in (cli_analyze, cli_capture, cli_prune):
-        mod.register(app)
-
-
-_register_compression_commands()
-
-
-@app.callback(invoke_without_command=True)
-def _root(version: bool = typer.Option(False, "--version", help="print the version")):
-    if version:
-        out.print(f"rflow {__version__}")
-        raise typer.Exit()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app, turning user errors into one line and exit code 2."""
-    try:
-        rc = app(args=argv, prog_name="rflow", standalone_mode=False)
-    except UserError as e:
-        print(f"rflow: error: {e}", file=sys.stderr)
-        return _exit(2, argv)
-    except typer.Abort:
-        print("rflow: aborted", file=sys.stderr)
-        return _exit(130, argv)
-    except _CliError as e:  # usage errors: unknown option, missing argument, bad value
-        if type(e).__name__ == "NoArgsIsHelpError":
-            return _exit(2, argv)  # the help text was already printed
-        print(f"rflow: error: {e.format_message()}", file=sys.stderr)
-        return _exit(2, argv)
-    except OSError as e:  # unreadable input, unwritable output, disk full
-        print(f"rflow: error: {e}", file=sys.stderr)
-        return _exit(2, argv)
-    except KeyboardInterrupt:
-        print("rflow: interrupted", file=sys.stderr)
-        return _exit(130, argv)
-    return _exit(rc if isinstance(rc, int) else 0, argv)
-
-
-def _exit(code: int, argv) -> int:
-    if argv is None:  # called as the console script
-        sys.exit(code)
-    return code
-
-
-if __name__ == "__main__":
-    main()
+def register(app) -> None:
+    app.command()(generate)
+    app.command("eval")(eval_)
+    app.command()(train)
+    app.command()(info)

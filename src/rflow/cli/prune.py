@@ -11,77 +11,24 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..compress.checkpoint_ops import (_check_criterion, _finite, check_stats_widths, load_stats_for,
+                                      measure_against_capture, prune_checkpoint)
 from ..errors import UserError
+from ..paths import resolve_model
+from .common import MODEL_HELP, force_option, progress
 
-MODEL_HELP = ("model: rflow pipeline folder, BFL/ComfyUI .safetensors, diffusers transformer/ or pipeline folder "
-              "(default: the embedded rflow-tiny)")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def default_model(model: Path | None) -> Path:
-    if model is not None:
-        return model
-    from ..tiny import embedded_model_dir
-
-    return embedded_model_dir()
-
-
-def load_stats_for(stats_path: Path, model_path: Path):
-    """Statistics file checked against the model: same fingerprint, same unit widths."""
-    from .save import model_fingerprint
-    from .stats import ActivationStats
-
-    stats = ActivationStats.load(stats_path)
-    fp = model_fingerprint(model_path)
-    if stats.fingerprint != fp:
-        raise UserError(f"{stats_path}: statistics were collected on model {stats.fingerprint or '?'}, "
-                        f"not on {model_path} ({fp}); run rflow analyze on this model")
-    return stats, fp
-
-
-def check_stats_widths(stats, config) -> None:
-    from .units import unit_widths
-
-    for u, w in unit_widths(config).items():
-        if u not in stats.count:
-            raise UserError(f"statistics have no unit {u!r}")
-        if stats.count[u].numel() != w:
-            raise UserError(f"statistics give {u} {stats.count[u].numel()} units, the model has {w}")
-
-
-def _mode(fraction, count, threshold) -> tuple[str, float | int]:
-    given = [(n, v) for n, v in (("fraction", fraction), ("count", count), ("threshold", threshold)) if v is not None]
-    if len(given) != 1:
-        raise UserError("give exactly one of --fraction, --count or --threshold")
-    return given[0]
-
-
-def _check_criterion(criterion: str) -> None:
-    if criterion not in ("frequency", "magnitude"):
-        raise UserError(f"unknown criterion {criterion!r}; choose frequency or magnitude")
-
-
-def _finite(obj):
-    """JSON-safe: NaN/inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _workload(pipe, *, prompts: Path | None, shapes_n: int | None, sizes: str | None, steps: str, seed: int):
-    from .workload import make_workload
+    from ..compress.workload import make_workload
 
     try:
         return make_workload(prompts_file=prompts, shapes_n=shapes_n, sizes=sizes, steps=steps, seed=seed,
@@ -90,66 +37,17 @@ def _workload(pipe, *, prompts: Path | None, shapes_n: int | None, sizes: str | 
         raise UserError("give --prompts FILE or --shapes N") from None
 
 
+def _check_workload_options(sizes: str | None, steps: str | None) -> None:
+    from ..compress.workload import parse_sizes, parse_steps
+
+    if sizes is not None:
+        parse_sizes(sizes)
+    if steps is not None:
+        parse_steps(steps)
+
+
 def _num(x) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------- library
-
-
-def prune_checkpoint(model_path: str | Path, stats_path: str | Path, out_path: str | Path, *,
-                     fraction: float | None = None, count: int | None = None, threshold: float | None = None,
-                     layers: str | None = None, streams: str | None = None, criterion: str = "frequency") -> dict:
-    """``rflow prune`` as a function: returns the pruning record (also stored as ``rflow.pruning``)
-    with ``output``, ``layout`` and ``note`` added."""
-    from ..checkpoints.flux import FluxCheckpoint, load_flux
-    from .prune import choose_kept, kept_tensors, prune_model
-    from .save import check_output, save_transformer_like, transformer_path
-    from .units import parse_layers, parse_streams, select_units, unit_widths
-
-    mode, value = _mode(fraction, count, threshold)
-    _check_criterion(criterion)
-    model_path, out_path = Path(model_path), Path(out_path)
-    check_output(model_path, out_path)
-    stats, fp = load_stats_for(Path(stats_path), model_path)
-    tpath = transformer_path(model_path)
-    with FluxCheckpoint(tpath) as ck:
-        config, previous = ck.config, ck.files.metadata.get("rflow.pruning")
-    check_stats_widths(stats, config)
-    n_layers = config.depth + config.depth_single
-    layer_list, stream_list = parse_layers(layers, n_layers), parse_streams(streams)
-    units = select_units(config, layers, streams)
-    if not units:
-        raise UserError("--layers and --streams select no unit group")
-    kept = choose_kept(stats, units, criterion=criterion, fraction=fraction, count=count, threshold=threshold)
-
-    model, _ = load_flux(tpath, device="cpu")
-    widths = unit_widths(model.config)
-    before = n_params(model)
-    prune_model(model, kept)
-    after = n_params(model)
-    groups = {u: {"width": widths[u], "kept": int(kept[u].numel()), "removed": widths[u] - int(kept[u].numel())}
-              for u in units}
-    removed = sum(g["removed"] for g in groups.values())
-    record = {
-        "stats_fingerprint": stats.fingerprint, "model_fingerprint": fp, "stats_file": Path(stats_path).name,
-        "stats_positions": sum(stats.positions.values()), "criterion": criterion, "mode": mode, "value": value,
-        "layers": layers or "all", "layer_indices": layer_list, "streams": list(stream_list), "groups": groups,
-        "units_removed": removed, "units_kept": sum(widths.values()) - removed, "units_total": sum(widths.values()),
-        "parameters_before": before, "parameters_after": after, "source": model_path.name,
-    }
-    if previous:
-        try:
-            record["previous"] = json.loads(previous)
-        except json.JSONDecodeError:
-            record["previous"] = previous
-    saved = save_transformer_like(model_path, model, out_path, extra_tensors=kept_tensors(kept),
-                                  metadata={"rflow.pruning": record})
-    return {**record, "output": str(saved.path), "layout": saved.layout, "note": saved.note}
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -165,11 +63,14 @@ def prune(
     streams: Optional[str] = typer.Option(None, "--streams", help="img,txt,single (default: all)"),
     criterion: str = typer.Option("frequency", "--criterion", help="frequency | magnitude"),
     output: Path = typer.Option(..., "-o", "--output", help="pruned model: a folder for rflow pipelines, else a .safetensors file"),
+    force: bool = force_option(),
 ):
     """Remove MLP hidden units that the statistics say matter least; write the model like its source."""
-    model = default_model(model)
-    r = prune_checkpoint(model, stats, output, fraction=fraction, count=count, threshold=threshold, layers=layers,
-                         streams=streams, criterion=criterion)
+    from ..options import layer_spec
+
+    layer_spec(layers)
+    r = prune_checkpoint(resolve_model(model), stats, output, fraction=fraction, count=count, threshold=threshold,
+                         layers=layers, streams=streams, criterion=criterion, force=force)
     name_w = max(len(u) for u in r["groups"])
     print(f"{'group':<{name_w}}  {'width':>7}  {'kept':>7}  {'removed':>7}")
     for u, g in r["groups"].items():
@@ -208,25 +109,33 @@ def measure(
     the final latents; shapes-world models (rflow-tiny, --shapes) are also scored for adherence. With
     --capture, the velocity MSE comes from a capture of the reference instead.
     """
-    from ..pipeline import load
+    from .. import options
+    from ..compress.measure import measure as run_measure
+    from ..pipeline import load, parse_dtype
     from ..sampling import SOLVERS
-    from .measure import measure as run_measure
 
     given = [o for o, v in (("--capture", capture), ("--prompts", prompts), ("--shapes", shapes_n)) if v is not None]
     if len(given) > 1:
         raise UserError(f"give one of --capture, --prompts, --shapes (got {' and '.join(given)})")
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if batch < 1:
-        raise UserError(f"--batch must be ≥ 1, got {batch}")
-    model = default_model(model)
+    options.integer(batch, "--batch", low=1, high=4096)
+    options.number(guidance, "--guidance", low=0)
+    if shapes_n is not None:
+        options.integer(shapes_n, "--shapes", low=1, high=100_000)
+    _check_workload_options(sizes, steps)
+    dev = options.device(device) if device is not None else None
+    dt = parse_dtype(dtype) if dtype is not None else None
+    model, reference = resolve_model(model), resolve_model(reference)
     if capture is not None:
-        res = _measure_capture(model, reference, capture, batch=batch, device=device, dtype=dtype)
+        res = measure_against_capture(model, reference, capture, batch=batch, device=dev, dtype=dtype)
     else:
-        pipe = load(model, text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+        pipe = load(model, text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
         ref = load(reference, device=pipe.device, dtype=pipe.transformer.dtype)
         work = _workload(ref, prompts=prompts, shapes_n=shapes_n, sizes=sizes, steps=steps, seed=seed)
-        res = run_measure(pipe, ref, work, guidance=guidance, solver=solver, batch=batch)
+        with progress("measuring", 2 * len(work.prompts)) as update:
+            res = run_measure(pipe, ref, work, guidance=guidance, solver=solver, batch=batch,
+                              progress=lambda done, total: update(done, total=total))
     if as_json:
         print(json.dumps(_finite(res)))
         return
@@ -262,6 +171,7 @@ def sensitivity(
     batch: int = typer.Option(8, "--batch", help="prompts per forward pass"),
     png: Path = typer.Option(Path("sensitivity.png"), "--png", help="bar chart of the error per layer"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the table as JSON here"),
+    force: bool = force_option(),
     text_encoders: Optional[Path] = typer.Option(None, "--text-encoders"),
     vae: Optional[Path] = typer.Option(None, "--vae"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -273,40 +183,42 @@ def sensitivity(
     equivalent to slicing them out — and restored afterwards; prints a table per layer and writes a
     bar chart (--png) and optionally JSON.
     """
-    from ..checkpoints.io import atomic_write_bytes
-    from ..pipeline import load
+    from .. import options
+    from ..compress.measure import sensitivity as run_sensitivity
+    from ..compress.measure import sensitivity_png
+    from ..compress.units import parse_streams
+    from ..outputs import check_output, replacing_all
+    from ..pipeline import load, parse_dtype
     from ..sampling import SOLVERS
-    from .measure import sensitivity as run_sensitivity
-    from .measure import sensitivity_png
-    from .units import parse_streams
 
-    if not 0.0 < level < 1.0:
-        raise UserError(f"--level must be in (0, 1), got {level}")
+    options.number(level, "--level", low=0, high=1, low_open=True, high_open=True)
     _check_criterion(criterion)
     parse_streams(streams)
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if batch < 1:
-        raise UserError(f"--batch must be ≥ 1, got {batch}")
-    for path, suffix in ((png, ".png"), (json_out, ".json")):
-        if path is not None and (path.suffix.lower() != suffix or not path.parent.is_dir()):
-            raise UserError(f"{path}: must be a {suffix} file in an existing directory")
-    model = default_model(model)
+    options.integer(batch, "--batch", low=1, high=4096)
+    options.number(guidance, "--guidance", low=0)
+    if shapes_n is not None:
+        options.integer(shapes_n, "--shapes", low=1, high=100_000)
+    _check_workload_options(sizes, steps)
+    outputs = [check_output(png, suffixes=(".png",), force=force, what="the plot")]
+    if json_out is not None:
+        outputs.append(check_output(json_out, suffixes=(".json",), force=force, what="the table"))
+    dev = options.device(device) if device is not None else None
+    dt = parse_dtype(dtype) if dtype is not None else None
+    model = resolve_model(model)
     st, _ = load_stats_for(stats, model)
-    pipe = load(model, text_encoders=text_encoders, vae=vae, device=device, dtype=dtype)
+    pipe = load(model, text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
     check_stats_widths(st, pipe.transformer.config)
     work = _workload(pipe, prompts=prompts, shapes_n=shapes_n, sizes=sizes, steps=steps, seed=seed)
-    live = sys.stderr.isatty()
-
-    def progress(row):
-        if live:
-            print(f"layer {row['layer']}: velocity MSE {_num(row['velocity_mse'])}", file=sys.stderr)
-
-    res = run_sensitivity(pipe, st, work, level=level, criterion=criterion, streams=streams, guidance=guidance,
-                          solver=solver, batch=batch, progress=progress)
-    atomic_write_bytes(png, sensitivity_png(res))
-    if json_out is not None:
-        atomic_write_bytes(json_out, json.dumps(_finite(res), indent=1).encode())
+    n_layers = pipe.transformer.config.depth + pipe.transformer.config.depth_single
+    with progress("sensitivity", n_layers) as update:
+        res = run_sensitivity(pipe, st, work, level=level, criterion=criterion, streams=streams, guidance=guidance,
+                              solver=solver, batch=batch, progress=lambda row: update(row["layer"] + 1))
+    with replacing_all(outputs) as tmps:
+        tmps[0].write_bytes(sensitivity_png(res))
+        if json_out is not None:
+            tmps[1].write_text(json.dumps(_finite(res), indent=1))
     print(f"{'layer':>5}  {'kind':<6}  {'zeroed':>13}  {'velocity MSE':>12}  {'relative':>9}")
     for r in res["layers"]:
         print(f"{r['layer']:>5}  {r['kind']:<6}  {r['zeroed']:>6}/{r['units']:<6}  {_num(r['velocity_mse']):>12}  "
@@ -314,48 +226,6 @@ def sensitivity(
     print(f"plot: {png}")
     if json_out is not None:
         print(f"json: {json_out}")
-
-
-# ---------------------------------------------------------------------------------------------- capture
-
-
-def _manifest(path: Path) -> dict:
-    """The rflow pipeline manifest of a model path ({} for other layouts)."""
-    from ..checkpoints.io import read_json
-    from .save import MANIFEST
-
-    return read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
-
-
-def _prediction(manifest: dict) -> str:
-    kind = manifest.get("prediction", "velocity")
-    if kind not in ("velocity", "data"):
-        raise UserError(f"unknown model prediction type {kind!r} (velocity or data)")
-    return kind
-
-
-def _measure_capture(model: Path, reference: Path, capture: Path, *, batch: int, device, dtype) -> dict:
-    """``measure --capture``: only the model's transformer is loaded; the capture stands in for the reference."""
-    import torch
-
-    from ..checkpoints.flux import load_flux
-    from ..pipeline import Pipeline, default_device, default_dtype, parse_dtype
-    from .capture import CaptureReader
-    from .measure import measure_capture
-    from .save import model_fingerprint, transformer_path
-
-    reader = CaptureReader(capture)
-    ref_fp = model_fingerprint(reference)
-    dev = torch.device(device) if device is not None else default_device()
-    dt = parse_dtype(dtype) if dtype else default_dtype(dev)
-    net, info = load_flux(transformer_path(model), device=dev, dtype=dt)
-    m, r = _manifest(Path(model)), _manifest(Path(reference))
-    pipe = Pipeline(net, None, None, name=m.get("name", info.family), fingerprint=model_fingerprint(model),
-                    prediction=_prediction(m))
-    res = measure_capture(pipe, reader, reference_fingerprint=ref_fp, batch=batch,
-                          reference_prediction=_prediction(r))
-    return {"model": pipe.name, "model_fingerprint": pipe.fingerprint,
-            "reference": reader.index.get("model", {}).get("name", "?"), **res}
 
 
 def register(app) -> None:

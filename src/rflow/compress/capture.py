@@ -43,8 +43,9 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..checkpoints.io import SafetensorsFiles, atomic_write_bytes, read_json, save_safetensors
+from ..checkpoints.io import SafetensorsFiles, read_json, save_safetensors
 from ..errors import UserError
+from ..outputs import atomic_write_bytes, check_output, replacing
 from ..models.flux import Flux, FluxConfig
 from .units import parse_layers
 
@@ -149,28 +150,6 @@ def is_capture_dir(path: Path) -> bool:
         return json.loads(p.read_text()).get("schema") == SCHEMA
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _prepare_dir(out: Path, force: bool, *, create: bool = True) -> None:
-    """Refuse a file, or a non-empty folder that is not an rflow capture (unless ``force``); then create it."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if is_capture_dir(out):
-            return  # an earlier capture: replaced (only its own files are removed)
-        if not force:
-            raise UserError(f"{out}: folder is not empty and is not an rflow capture; choose an empty folder "
-                            "(or force writing into it)")
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-
-
-def _remove_old_shards(out: Path, keep: set[str]) -> None:
-    for f in out.iterdir():
-        if f.name not in keep and f.is_file() and (_SHARD_RE.match(f.name) or
-                                                   (f.name.startswith(".shard-") and ".tmp-" in f.name)):
-            f.unlink()
 
 
 class _Writer:
@@ -376,8 +355,9 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
 
     ``layers``: unified layer indices (list, or a range string "0-3,7"; default all; not with
     ``in_out_only``). ``every``: keep steps 0, every, 2·every, … of each run. ``budget_bytes``: the most
-    the folder may hold. ``force``: write into a non-empty folder that is not an rflow capture (an
-    earlier capture is always replaced, and only its own files are removed).
+    the folder may hold. The capture is written into a temporary sibling and swapped in when complete;
+    an existing ``out_dir`` is replaced only with ``force``, and a failed, interrupted or empty capture
+    leaves it as it was.
 
     Returns ``{"dir", "records", "shards", "bytes", "runs_done", "runs", "stopped"}``; ``stopped`` is
     "budget" when the budget ended the capture early, else None.
@@ -404,8 +384,7 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
         if r.width <= 0 or r.height <= 0 or r.width % m or r.height % m:
             raise UserError(f"size {r.width}x{r.height} is not a positive multiple of {m} for this model")
 
-    out = Path(out_dir).expanduser()
-    _prepare_dir(out, force)
+    out = check_output(out_dir, kind="dir", force=force, what="the capture folder")
     header = {
         "schema": SCHEMA, "version": VERSION, "rflow": __version__,
         "model": {"name": pipe.name, "fingerprint": pipe.fingerprint, "config": cfgm.to_dict()},
@@ -414,10 +393,20 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
         "sampling": {"guidance": guidance, "cfg": cfg, "solver": solver}, "workload": workload.describe(),
         "budget_bytes": int(budget_bytes),
     }
-    writer = _Writer(out, header, int(budget_bytes), int(shard_bytes))
-    writer.write_index()  # the folder is now an (empty) capture; old shards are orphans and go
-    _remove_old_shards(out, keep=set())
+    with replacing(out, "dir") as tmp:
+        res = _capture_into(tmp, pipe, runs, header, sel, in_out_only, every, store_dtype, int(budget_bytes),
+                            int(shard_bytes), guidance, cfg, solver, progress)
+        if res["records"] == 0:
+            raise UserError(f"the budget ({format_bytes(budget_bytes)}) is too small for even one record; "
+                            "nothing was captured")
+    return {"dir": str(out), **res}
 
+
+def _capture_into(out: Path, pipe, runs, header, sel, in_out_only, every, store_dtype, budget_bytes, shard_bytes,
+                  guidance, cfg, solver, progress) -> dict:
+    model = pipe.transformer
+    writer = _Writer(out, header, budget_bytes, shard_bytes)
+    writer.write_index()
     rec = _Recorder(model, sel, in_out_only, every, store_dtype, writer, pipe.vae.downscale_factor)
     rec.attach()
     branches = 2 if cfg > 1.0 else 1
@@ -437,7 +426,7 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
         rec.detach()
     writer.flush()
     writer.write_index(complete=writer.stopped is None)
-    return {"dir": str(out), "records": len(writer.records), "shards": len(writer.shards), "bytes": writer.committed,
+    return {"records": len(writer.records), "shards": len(writer.shards), "bytes": writer.committed,
             "runs_done": done, "runs": len(runs), "stopped": writer.stopped}
 
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError
 from ..models.flux import Flux
 from .capture import CaptureReader, Record, block_name, get_block, layer_io_names, layer_kind, resolve_layers
 
@@ -199,6 +199,8 @@ def distill(teacher: Flux, student: Flux, reader: CaptureReader, *, layers=None,
                      cache=per_record * len(reader) <= cache_bytes)
         initial_held = _mse(block, data, held_recs, batch, device)
         initial_train = _mse(block, data, train_recs, batch, device)
+        if not (math.isfinite(initial_held) and math.isfinite(initial_train)):
+            raise NonFiniteError(f"layer {L}: the student's block or the captured tensors give NaN/inf")
         opt = torch.optim.AdamW([p for p, _ in params.values()], lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
         g = torch.Generator().manual_seed((seed * 1_000_003 + L) % (2**63))
         order: list[int] = []
@@ -218,6 +220,9 @@ def distill(teacher: Flux, student: Flux, reader: CaptureReader, *, layers=None,
                 e, k = _sq_err(block, b)
                 err, n = err + e, n + k
             loss = err / n
+            if not math.isfinite(loss.item()):
+                raise NonFiniteError(f"layer {L}: the distillation loss became NaN/inf at step {step + 1}; "
+                                     "nothing was written (try a lower --lr)")
             loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p, _ in params.values()], grad_clip)
@@ -231,6 +236,8 @@ def distill(teacher: Flux, student: Flux, reader: CaptureReader, *, layers=None,
                 progress({"layer": L, "step": step + 1, "steps": steps, "loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
         block.eval()
         final_held = _mse(block, data, held_recs, batch, device)
+        if not math.isfinite(final_held):
+            raise NonFiniteError(f"layer {L}: the trained block gives NaN/inf on held-out records; nothing was written")
         prefix = block_name(tc, L)
         patches[L] = {f"{prefix}.{n}": p.detach().to("cpu", student.dtype).clone() for n, (p, _) in params.items()}
         tail = losses[-max(1, steps // 10):]

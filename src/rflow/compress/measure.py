@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import sampling
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError
 from ..models.flux import Flux
 from .stats import ActivationStats
 from .units import select_units
@@ -100,6 +100,8 @@ class VelocityErrors:
             self._traj = traj
             self._velocity = self.pipe.velocity_fn(traj.txt.to(dev), traj.vec.to(dev), traj.guidance)
         v = self._velocity(x.to(dev), t.to(dev)).double()
+        if not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"{self.pipe.name}: the model produced NaN/inf at t = {float(t):.4g}")
         v_ref = v_ref.to(dev).double()
         d = (v - v_ref).pow(2)
         self.errs += d.flatten(1).mean(1).tolist()
@@ -116,7 +118,8 @@ class VelocityErrors:
 @torch.no_grad()
 def reference_trajectories(reference, workload: Workload, *, guidance: float = 3.5, solver: str = "euler",
                            batch: int = 8, keep_points: bool = True,
-                           on_point: Callable[[Trajectory, Tensor, Tensor, Tensor], None] | None = None) -> list[Trajectory]:
+                           on_point: Callable[[Trajectory, Tensor, Tensor, Tensor], None] | None = None,
+                           progress: Callable[[int], None] | None = None) -> list[Trajectory]:
     """Sample every run of ``workload`` with ``reference`` (a :class:`~rflow.pipeline.Pipeline`) and,
     for every model call, hand the solver's ``x_t``, ``t`` and the reference velocity to ``on_point``
     and (``keep_points``) keep them, on the CPU, in ``Trajectory.points``. The final latents equal
@@ -146,6 +149,8 @@ def reference_trajectories(reference, workload: Workload, *, guidance: float = 3
 
         traj.final = sampling.sample(recording, noise, sigmas.to(dev), solver)
         out.append(traj)
+        if progress is not None:
+            progress(sum(len(t.runs) for t in out))
     return out
 
 
@@ -183,14 +188,18 @@ def _adherence_wanted(model_pipe, workload: Workload, adherence: bool | None) ->
 @torch.no_grad()
 def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float = 3.5, solver: str = "euler",
             batch: int = 8, final: bool = True, adherence: bool | None = None,
-            trajectories: list[Trajectory] | None = None) -> dict:
+            trajectories: list[Trajectory] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Full-stack distance of ``model_pipe`` from ``reference_pipe`` on ``workload`` (module docstring).
 
     ``final``: also generate with the model and compare final latents; ``adherence``: score both
     models' images with the shapes-world judge (default: when the model is rflow-tiny or the workload
     is ``--shapes``). ``trajectories``: reuse reference trajectories recorded earlier.
+    ``progress(done, total)`` counts runs: reference trajectories, then the model's own generations.
     Returns a JSON-ready dict.
     """
+    n_runs = len(workload.prompts)
+    total = n_runs * (2 if final else 1)
+    tick = (lambda done: progress(done, total)) if progress is not None else None
     if model_pipe.latent_channels != reference_pipe.latent_channels or model_pipe.size_multiple != reference_pipe.size_multiple:
         raise UserError("the model and the reference work in different latent spaces: they cannot be compared")
     _check_sizes(model_pipe, workload)
@@ -199,7 +208,7 @@ def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float =
     else:  # the model runs right after the reference at every point: nothing is kept
         acc = VelocityErrors(model_pipe)
         trajs = reference_trajectories(reference_pipe, workload, guidance=guidance, solver=solver, batch=batch,
-                                       keep_points=False, on_point=acc)
+                                       keep_points=False, on_point=acc, progress=tick)
     res = {
         "model": model_pipe.name, "model_fingerprint": model_pipe.fingerprint,
         "reference": reference_pipe.name, "reference_fingerprint": reference_pipe.fingerprint,
@@ -215,6 +224,8 @@ def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float =
                                   guidance=guidance, solver=solver, noise=traj.noise.cpu(), output_type="latent")
         ref = traj.final.to(lat.device)
         latent_mse += (lat.double() - ref.double()).pow(2).flatten(1).mean(1).tolist()
+        if tick is not None:
+            tick(n_runs + len(latent_mse))
         if want_adherence:
             images_m += list(model_pipe.decode(lat, "np"))  # uint8 HWC; sizes may differ between batches
             images_r += list(reference_pipe.decode(traj.final, "np"))

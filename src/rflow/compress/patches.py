@@ -2,7 +2,7 @@
 
 A patch file is a safetensors file holding the trained tensors under their BFL keys
 (``double_blocks.3.img_mlp.0.weight``, ``single_blocks.0.linear1.weight`` …) with JSON metadata under
-``rflow.patches``: ``{"schema": "rflow.patches", "version": 1, "teacher_fingerprint",
+``rflow.patches``: ``{"schema": "rflow.patches", "version": 2, "teacher_fingerprint",
 "student_fingerprint", "layers", "train", "report"}``.
 
 * :func:`apply_patches` copies them into a loaded :class:`~rflow.models.flux.Flux` (every key and
@@ -16,7 +16,6 @@ A patch file is a safetensors file holding the trained tensors under their BFL k
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,13 +27,13 @@ from torch import Tensor
 from .. import __version__
 from ..checkpoints.flux import FluxCheckpoint, load_flux
 from ..checkpoints.io import open_weights, read_json, save_safetensors
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError, flag
 from ..models.flux import Flux
-from ..pipeline import MANIFEST
+from ..paths import MANIFEST, resolve_model
 from .save import model_fingerprint, transformer_path
 
 SCHEMA = "rflow.patches"
-VERSION = 1
+VERSION = 2  # 2: teacher/student fingerprints are content fingerprints of the tensors (1: of the file header)
 METADATA_KEY = "rflow.patches"
 PATCHED_KEY = "rflow.patched"
 
@@ -45,12 +44,8 @@ PATCHED_KEY = "rflow.patched"
 def load_transformer(path: str | os.PathLike | None, *, device=None, dtype: torch.dtype | None = None) -> tuple[Flux, str]:
     """Only the transformer of a model (no text encoders or VAE) and its fingerprint; ``None`` is the
     embedded rflow-tiny model."""
-    if path is None:
-        from ..tiny import embedded_model_dir
-
-        path = embedded_model_dir()
-    tp = transformer_path(path)
-    fingerprint = model_fingerprint(path)
+    tp = transformer_path(resolve_model(path))
+    fingerprint = model_fingerprint(tp)
     model, _ = load_flux(tp, device=device, dtype=dtype)
     return model, fingerprint
 
@@ -58,24 +53,33 @@ def load_transformer(path: str | os.PathLike | None, *, device=None, dtype: torc
 # ---------------------------------------------------------------------------------------------- files
 
 
-def save_patches(path: str | os.PathLike, patches: dict[int, dict[str, Tensor]], *, train: str, report: list[dict],
-                 teacher_fingerprint: str = "", student_fingerprint: str = "") -> Path:
-    """Write ``patches`` (layer -> {BFL key: tensor}, as :func:`~rflow.compress.distill.distill` returns) atomically."""
+def patch_tensors(patches: dict[int, dict[str, Tensor]], *, train: str, report: list[dict],
+                  teacher_fingerprint: str = "", student_fingerprint: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and safetensors metadata of a patch file for ``patches`` (layer -> {BFL key: tensor},
+    as :func:`~rflow.compress.distill.distill` returns)."""
     tensors: dict[str, Tensor] = {}
     for L in sorted(patches):
         for k, t in patches[L].items():
             if k in tensors:
                 raise UserError(f"patch key {k!r} appears in two layers")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"patch {k} holds NaN/inf; not saved")
             tensors[k] = t.detach().cpu()
     if not tensors:
         raise UserError("no patches to save")
     meta = {"schema": SCHEMA, "version": VERSION, "rflow": __version__, "teacher_fingerprint": teacher_fingerprint,
             "student_fingerprint": student_fingerprint, "layers": sorted(int(L) for L in patches), "train": train,
             "report": report}
+    return tensors, {METADATA_KEY: json.dumps(meta)}
+
+
+def save_patches(path: str | os.PathLike, patches: dict[int, dict[str, Tensor]], *, train: str, report: list[dict],
+                 teacher_fingerprint: str = "", student_fingerprint: str = "") -> Path:
+    """Write ``patches`` as a patch file (through a temporary sibling)."""
+    tensors, meta = patch_tensors(patches, train=train, report=report, teacher_fingerprint=teacher_fingerprint,
+                                  student_fingerprint=student_fingerprint)
     p = Path(path).expanduser()
-    if not p.parent.is_dir():
-        raise UserError(f"{p.parent}: no such directory")
-    save_safetensors(tensors, p, {METADATA_KEY: json.dumps(meta)})
+    save_safetensors(tensors, p, meta)
     return p
 
 
@@ -92,6 +96,9 @@ def read_patches(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
                 raise ValueError
         except ValueError:
             raise UserError(f"{p}: corrupt patch metadata") from None
+        if meta.get("schema") == SCHEMA and meta.get("version") == 1:
+            raise UserError(f"{p}: patches from an older rflow, which identified models by file header; "
+                            "run rflow distill again")
         if meta.get("schema") != SCHEMA or not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
             raise UserError(f"{p}: patch schema {meta.get('schema')!r} v{meta.get('version')} is not {SCHEMA} ≤ v{VERSION}")
         tensors = {k: f.get(k) for k in f.keys()}
@@ -100,15 +107,11 @@ def read_patches(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def patches_fingerprint(path: str | os.PathLike) -> str:
-    """A short id of a patch file (its header: keys, shapes, metadata, and its size)."""
-    p = Path(path).expanduser()
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        h.update(f.read(min(n, 1 << 24)))
-    h.update(str(p.stat().st_size).encode())
-    return h.hexdigest()[:16]
+def patches_hash(path: str | os.PathLike) -> str:
+    """The sha256 of a patch file, first 10 hex digits (as a model hash)."""
+    from ..checkpoints.hashing import model_hash
+
+    return model_hash([Path(path).expanduser()])
 
 
 def _check(tensors: dict[str, Tensor], shapes: dict[str, tuple], where, prefix: str = "") -> None:
@@ -121,29 +124,31 @@ def _check(tensors: dict[str, Tensor], shapes: dict[str, tuple], where, prefix: 
                             "(patches for another student?)")
 
 
-def _check_fingerprint(meta: dict, fingerprint: str | None, patches: Path, force: bool) -> None:
+def _check_fingerprint(meta: dict, fingerprint: str | None, patches: Path, any_student: bool) -> None:
     want = meta.get("student_fingerprint") or ""
-    if not force and fingerprint and want and want != fingerprint:
+    if not any_student and fingerprint and want and want != fingerprint:
         raise UserError(f"{patches}: patches were trained for student {want}, this model is {fingerprint} "
-                        "(force to apply them anyway)")
+                        f"({flag('any_student', switch=True)} applies them anyway)")
 
 
 # ---------------------------------------------------------------------------------------------- applying
 
 
-def apply_patches(model: Flux, path: str | os.PathLike, *, fingerprint: str | None = None, force: bool = False) -> dict:
+def apply_patches(model: Flux, path: str | os.PathLike, *, fingerprint: str | None = None,
+                  any_student: bool = False) -> dict:
     """Copy a patch file's tensors into ``model`` in place; returns the patch metadata.
 
     Every key and shape is checked before anything changes. If ``fingerprint`` (the model's) is given
-    and the patches name another student, that is an error unless ``force``."""
+    and the patches name another student, that is an error unless ``any_student``."""
     p = Path(path).expanduser()
     tensors, meta = read_patches(p)
-    _apply(model, tensors, meta, p, fingerprint, force)
+    _apply(model, tensors, meta, p, fingerprint, any_student)
     return meta
 
 
-def _apply(model: Flux, tensors: dict[str, Tensor], meta: dict, where: Path, fingerprint: str | None, force: bool) -> None:
-    _check_fingerprint(meta, fingerprint, where, force)
+def _apply(model: Flux, tensors: dict[str, Tensor], meta: dict, where: Path, fingerprint: str | None,
+           any_student: bool) -> None:
+    _check_fingerprint(meta, fingerprint, where, any_student)
     sd = model.state_dict()
     _check(tensors, {k: v.shape for k, v in sd.items()}, where)
     with torch.no_grad():
@@ -151,7 +156,7 @@ def _apply(model: Flux, tensors: dict[str, Tensor], meta: dict, where: Path, fin
             sd[k].copy_(t.to(sd[k].dtype))
 
 
-def load_with_patches(path, patches: str | os.PathLike, *, force: bool = False, **load_kw):
+def load_with_patches(path, patches: str | os.PathLike, *, any_student: bool = False, **load_kw):
     """:func:`rflow.load` ``(path, **load_kw)`` with ``patches`` applied to its transformer.
 
     The patch file is validated before the model is loaded. The pipeline's fingerprint becomes
@@ -161,37 +166,36 @@ def load_with_patches(path, patches: str | os.PathLike, *, force: bool = False, 
     pp = Path(patches).expanduser()
     tensors, meta = read_patches(pp)
     pipe = load(path, **load_kw)
-    _apply(pipe.transformer, tensors, meta, pp, pipe.fingerprint, force)
-    pipe.fingerprint = f"{pipe.fingerprint}+{patches_fingerprint(pp)}"
+    _apply(pipe.transformer, tensors, meta, pp, pipe.fingerprint, any_student)
+    pipe.patches_hash = patches_hash(pp)
+    pipe.fingerprint = f"{pipe.fingerprint}+{pipe.patches_hash}"
     return pipe
 
 
 def write_patched(model: str | os.PathLike, patches: str | os.PathLike, out: str | os.PathLike, *,
-                  force: bool = False) -> Path:
+                  force: bool = False, any_student: bool = False) -> Path:
     """Write ``model`` with ``patches`` baked in as a new model of the same kind at ``out``.
 
     rflow pipeline folder -> new folder (all files copied, ``transformer.safetensors`` rewritten, the
     manifest gains a ``patched`` entry); single BFL/ComfyUI ``.safetensors`` -> new single file. Every
-    tensor not patched (``rflow.kept.*`` included) is kept as is, in its stored dtype; ``out`` must not
-    exist. ``force`` applies patches trained for another student fingerprint (shapes must still match).
+    tensor not patched (``rflow.kept.*`` included) is kept as is, in its stored dtype. An existing
+    ``out`` is replaced only with ``force`` (rflow.outputs); ``any_student`` applies patches trained
+    for another student fingerprint (shapes must still match).
     """
     from safetensors import safe_open
 
-    src = Path(model).expanduser()
+    from ..outputs import replacing
+    from .save import RFLOW_PIPELINE, SINGLE_FILE, check_output, source_layout
+
+    src = resolve_model(model)
     dst = Path(out).expanduser()
     pp = Path(patches).expanduser()
-    if not src.exists():
-        raise UserError(f"{src}: no such file or directory")
-    folder = (src / MANIFEST).exists()
-    if not folder and not src.is_file():
+    layout = source_layout(src)
+    if layout not in (RFLOW_PIPELINE, SINGLE_FILE):
         raise UserError(f"{src}: patched models are written for rflow pipeline folders and single-file "
                         "(BFL/ComfyUI) checkpoints only")
-    if dst.exists():
-        raise UserError(f"{dst}: already exists; choose a new output path")
-    if not dst.parent.is_dir():
-        raise UserError(f"{dst.parent}: no such directory")
-    if not folder and dst.suffix.lower() != ".safetensors":
-        raise UserError(f"{dst}: the patched single-file model must be a .safetensors file")
+    check_output(src, dst, force=force)
+    folder = layout == RFLOW_PIPELINE
     tensors, meta = read_patches(pp)
     tfile = src / "transformer.safetensors" if folder else src
     with FluxCheckpoint(tfile) as ck:
@@ -199,7 +203,7 @@ def write_patched(model: str | os.PathLike, patches: str | os.PathLike, out: str
             raise UserError(f"{src}: diffusers-layout checkpoints cannot be patched in place; patch an rflow "
                             "pipeline folder or a BFL file")
         prefix = next((k[: -len("img_in.weight")] for k in ck.files.keys() if k.endswith("img_in.weight")), "")
-        _check_fingerprint(meta, ck.fingerprint(), pp, force)
+        _check_fingerprint(meta, ck.fingerprint(), pp, any_student)
         _check(tensors, ck.files.shapes, pp, prefix)
         file_meta = dict(ck.files.metadata)
     new: dict[str, Tensor] = {}
@@ -211,22 +215,18 @@ def write_patched(model: str | os.PathLike, patches: str | os.PathLike, out: str
         raise UserError(f"{tfile}: cannot read the model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     for k, t in tensors.items():
         new[f"{prefix}{k}"] = t.to(new[f"{prefix}{k}"].dtype)
-    info = {"patches": pp.name, "patches_fingerprint": patches_fingerprint(pp), "layers": meta.get("layers"),
+    info = {"patches": pp.name, "patches_hash": patches_hash(pp), "layers": meta.get("layers"),
             "train": meta.get("train"), "teacher_fingerprint": meta.get("teacher_fingerprint"),
             "student_fingerprint": meta.get("student_fingerprint")}
     file_meta[PATCHED_KEY] = json.dumps(info)
     if not folder:
         save_safetensors(new, dst, file_meta)
         return dst
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(src, tmp, ignore=lambda d, names: ["transformer.safetensors"] if Path(d) == src else [])
+    with replacing(dst, "dir") as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: ["transformer.safetensors"] if Path(d) == src else [])
         save_safetensors(new, tmp / "transformer.safetensors", file_meta)
         manifest = read_json(src / MANIFEST)
         manifest["patched"] = info
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -144,7 +144,7 @@ def heatmap_png(stats: ActivationStats, *, columns: int = 256, title: str | None
 
 def write_heatmap(stats: ActivationStats, path: str | os.PathLike, **kw) -> Path:
     """Render the heatmap and write it atomically to ``path``."""
-    from ..checkpoints.io import atomic_write_bytes
+    from ..outputs import atomic_write_bytes
 
     p = Path(path)
     atomic_write_bytes(p, heatmap_png(stats, **kw))

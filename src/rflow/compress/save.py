@@ -14,8 +14,9 @@ diffusers pipeline root                one BFL safetensors file; its VAE and tex
 Every transformer written here has BFL keys and the ``rflow.flux_config`` metadata (RoPE axes,
 theta), so :func:`rflow.load` infers every block's width from the shapes and needs no flags.
 Bookkeeping tensors (``rflow.kept.<unit>``) ride along in the same file; the checkpoint loader
-skips keys that start with ``rflow.``. Writes are atomic (temporary name + rename) and the
-source is never overwritten.
+skips keys that start with ``rflow.``. Writes follow rflow.outputs (a temporary sibling swapped in on
+success; an existing output only with
+``force``) and the source is never overwritten.
 """
 
 from __future__ import annotations
@@ -31,41 +32,8 @@ import torch
 from ..checkpoints.flux import CONFIG_METADATA_KEY, FluxCheckpoint
 from ..errors import UserError
 from ..models.flux import Flux
-from ..pipeline import MANIFEST
-
-TRANSFORMER_FILE = "transformer.safetensors"
-
-# source layouts
-RFLOW_PIPELINE = "rflow-pipeline"
-DIFFUSERS_PIPELINE = "diffusers-pipeline"
-TRANSFORMER_FOLDER = "transformer-folder"
-SINGLE_FILE = "single-file"
-
-
-def source_layout(path: str | os.PathLike) -> str:
-    """How a model path is laid out: one of ``rflow-pipeline``, ``diffusers-pipeline``,
-    ``transformer-folder`` (diffusers ``transformer/`` or sharded BFL) and ``single-file``."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"{p}: no such file or directory")
-    if p.is_dir():
-        if (p / MANIFEST).exists():
-            return RFLOW_PIPELINE
-        if (p / "model_index.json").exists() or ((p / "transformer").is_dir() and not list(p.glob("*.safetensors"))):
-            return DIFFUSERS_PIPELINE
-        return TRANSFORMER_FOLDER
-    return SINGLE_FILE
-
-
-def transformer_path(path: str | os.PathLike) -> Path:
-    """The transformer checkpoint inside a model path (the one :func:`rflow.load` fingerprints)."""
-    p = Path(path).expanduser()
-    layout = source_layout(p)
-    if layout == RFLOW_PIPELINE:
-        return p / TRANSFORMER_FILE
-    if layout == DIFFUSERS_PIPELINE:
-        return p / "transformer"
-    return p
+from ..paths import (DIFFUSERS_PIPELINE, MANIFEST, RFLOW_PIPELINE, SINGLE_FILE, TRANSFORMER_FILE,  # noqa: F401
+                     TRANSFORMER_FOLDER, source_layout, transformer_path)
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
@@ -91,26 +59,23 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(source_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+def check_output(source_path: str | os.PathLike, out_path: str | os.PathLike, *, force: bool = False) -> str:
     """Raise a :class:`UserError` if ``out_path`` cannot receive a model saved like ``source_path``
-    (call it before long work); returns the source layout."""
+    (call it before long work); returns the source layout. An existing output is replaced only with
+    ``force``; the source itself never."""
+    from ..outputs import check_output as check_path
+
     src, dst = Path(source_path).expanduser(), Path(out_path).expanduser()
     layout = source_layout(src)
     s, d = src.resolve(), dst.resolve()
     if s == d or (src.is_dir() and _inside(d, s)) or _inside(s, d):
         raise UserError(f"{dst}: refusing to write over or inside the source model {src}")
-    if not dst.parent.is_dir():
-        raise UserError(f"{dst.parent}: output directory does not exist")
     if layout == RFLOW_PIPELINE:
         if dst.suffix.lower() == ".safetensors":
             raise UserError(f"{dst}: the source is an rflow pipeline folder, so the output is a folder too: give a folder name")
-        if dst.exists() and not (dst / MANIFEST).exists():
-            raise UserError(f"{dst}: exists and is not an rflow pipeline folder; not replacing it")
+        check_path(dst, kind="dir", force=force, what="the output model")
     else:
-        if dst.suffix.lower() != ".safetensors":
-            raise UserError(f"{dst}: the output is a single BFL transformer file: give a name ending in .safetensors")
-        if dst.is_dir():
-            raise UserError(f"{dst}: is a directory")
+        check_path(dst, suffixes=(".safetensors",), force=force, what="the output (a single BFL transformer file)")
     return layout
 
 
@@ -131,33 +96,27 @@ def _tensors(model: Flux, dtype: torch.dtype, extra: dict[str, torch.Tensor] | N
     return sd
 
 
-def _save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors written straight to a temporary file, fsynced, then renamed over ``path``
-    (no second in-memory copy of a 24 GB transformer)."""
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors written straight to ``path`` (no second in-memory copy of a 24 GB transformer);
+    callers write into a temporary sibling (rflow.outputs)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def save_transformer_like(source_path: str | os.PathLike, model: Flux, out_path: str | os.PathLike, *,
                           extra_tensors: dict[str, torch.Tensor] | None = None, metadata: dict | None = None,
-                          dtype: torch.dtype | None = None) -> SavedModel:
+                          dtype: torch.dtype | None = None, force: bool = False) -> SavedModel:
     """Write ``model`` as the same kind of model as ``source_path`` (see the module docstring).
 
     ``extra_tensors``: ``rflow.*`` tensors stored beside the weights (e.g. :func:`~rflow.compress.prune.kept_tensors`).
     ``metadata``: extra safetensors metadata; non-string values are stored as JSON.
     ``dtype``: of the weights; defaults to the source's stored dtype (float8 sources are written as bfloat16).
     """
+    from ..outputs import replacing
+
     src, dst = Path(source_path).expanduser(), Path(out_path).expanduser()
-    layout = check_output(src, dst)
+    layout = check_output(src, dst, force=force)
     if dtype is None:
         with FluxCheckpoint(transformer_path(src)) as ck:
             dtype = ck.stored_dtype()
@@ -165,21 +124,14 @@ def save_transformer_like(source_path: str | os.PathLike, model: Flux, out_path:
     meta = _metadata(model, metadata)
 
     if layout == RFLOW_PIPELINE:
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            shutil.copytree(src, tmp, ignore=lambda d, names: [TRANSFORMER_FILE] if Path(d) == src else [])
-            _save_file_atomic(tensors, tmp / TRANSFORMER_FILE, meta)
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            if dst.exists():
-                dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with replacing(dst, "dir") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True,
+                            ignore=lambda d, names: [TRANSFORMER_FILE] if Path(d) == src else [])
+            _save_file(tensors, tmp / TRANSFORMER_FILE, meta)
         return SavedModel(dst, RFLOW_PIPELINE, layout)
 
-    _save_file_atomic(tensors, dst, meta)
+    with replacing(dst) as tmp:
+        _save_file(tensors, tmp, meta)
     note = None
     if layout == DIFFUSERS_PIPELINE:
         note = (f"{dst} holds only the transformer: load it with --vae {src / 'vae'} --text-encoders {src} "

@@ -21,7 +21,7 @@ from ..models.flux import FluxConfig
 from .units import unit_names, unit_widths
 
 SCHEMA = "rflow.stats"
-VERSION = 1
+VERSION = 2  # 2: ``fingerprint`` is the content fingerprint of the model's tensors (1: of its file header)
 
 
 @dataclass
@@ -81,6 +81,19 @@ class ActivationStats:
             m[k] = sorted(set(map(_hashable, m.get(k, []))) | set(map(_hashable, o.get(k, []))))
         return self
 
+    def check_usable(self, where) -> None:
+        """Refuse statistics that cannot rank units: a group that saw no position, or non-finite sums."""
+        for u in self.count:
+            if self.positions[u] <= 0:
+                raise UserError(f"{where}: unit group {u} saw no positions; these statistics cannot rank its units "
+                                "(run rflow analyze over more prompts)")
+            for name, t in (("Σ|a|", self.sum_abs[u]), ("Σa²", self.sum_sq[u])):
+                if not bool(torch.isfinite(t).all()):
+                    raise UserError(f"{where}: unit group {u} has non-finite {name} (the model produced NaN/inf "
+                                    "while being analyzed); these statistics cannot be used")
+            if bool((self.count[u] < 0).any()) or bool((self.count[u] > self.positions[u]).any()):
+                raise UserError(f"{where}: unit group {u} has counts outside 0…{self.positions[u]}: corrupt statistics")
+
     def save(self, path: str | os.PathLike) -> None:
         tensors = {}
         for u in self.count:
@@ -101,9 +114,12 @@ class ActivationStats:
                 raise UserError(f"{p}: not an rflow statistics file (no {SCHEMA} metadata)")
             try:
                 meta = json.loads(raw)
-                units = meta.pop("units")
-            except (json.JSONDecodeError, KeyError):
+                units = [str(u) for u in meta.pop("units")]
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                 raise UserError(f"{p}: corrupt statistics metadata") from None
+            if meta.get("schema") == SCHEMA and meta.get("version") == 1:
+                raise UserError(f"{p}: statistics from an older rflow, which identified models by file header; "
+                                "run rflow analyze again")
             if meta.get("schema") != SCHEMA or meta.get("version") != VERSION:
                 raise UserError(f"{p}: statistics schema {meta.get('schema')} v{meta.get('version')} is not {SCHEMA} v{VERSION}")
             try:
@@ -116,7 +132,7 @@ class ActivationStats:
         for u in units:
             if not (count[u].dtype == torch.int64 and count[u].shape == sum_abs[u].shape == sum_sq[u].shape):
                 raise UserError(f"{p}: inconsistent tensors for unit {u}")
-        fingerprint = meta.pop("fingerprint", "")
+        fingerprint = str(meta.pop("fingerprint", ""))
         for k in ("schema", "version", "total_positions"):
             meta.pop(k, None)
         return cls(fingerprint, count, sum_abs, sum_sq, positions, meta)

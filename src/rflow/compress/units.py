@@ -48,22 +48,11 @@ def activation_module(model: Flux, name: str) -> nn.Module:
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     """'0-18,30-37' -> sorted layer indices; None or 'all' -> every layer."""
+    from ..options import int_range
+
     if spec is None or spec.strip().lower() == "all":
         return list(range(n_layers))
-    out = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = (int(v) for v in part.split("-", 1))
-            else:
-                a = b = int(part)
-        except ValueError:
-            raise UserError(f"bad layer range {spec!r}: use e.g. 0-18,30-37") from None
-        if a > b or a < 0 or b >= n_layers:
-            raise UserError(f"layer range {part!r} is outside 0-{n_layers - 1}")
-        out.update(range(a, b + 1))
-    return sorted(out)
+    return int_range(spec, "layers", low=0, high=n_layers - 1)
 
 
 def parse_streams(spec: str | None) -> tuple[str, ...]:

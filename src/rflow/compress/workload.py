@@ -17,6 +17,9 @@ import numpy as np
 from ..errors import UserError
 
 
+MAX_PROMPTS = 100_000
+
+
 @dataclass(frozen=True)
 class Run:
     index: int
@@ -40,7 +43,7 @@ class Workload:
         for i, p in enumerate(self.prompts):
             w, h = self.sizes[int(rng.integers(len(self.sizes)))]
             s = self.steps[int(rng.integers(len(self.steps)))]
-            yield Run(i, p, w, h, s, self.seed + i)
+            yield Run(i, p, w, h, s, (self.seed + i) % 2**64)
 
     def shard(self, rank: int, world: int) -> "Workload":
         """This rank's share for multi-process runs (runs keep their global index and seed)."""
@@ -68,27 +71,23 @@ def parse_sizes(spec: str) -> list[tuple[int, int]]:
             raise UserError(f"bad size {part!r}: use WxH, e.g. 1024x1024,832x1216") from None
         if w <= 0 or h <= 0:
             raise UserError(f"bad size {part!r}: sides must be positive")
+        if w > 1 << 20 or h > 1 << 20:
+            raise UserError(f"bad size {part!r}: sides of at most {1 << 20} pixels")
         sizes.append((w, h))
     return sizes
 
 
 def parse_steps(spec: str) -> list[int]:
     """'20' -> [20]; '15-30' -> 15..30; '10,20,28' -> those."""
-    try:
-        if "-" in spec:
-            a, b = (int(v) for v in spec.split("-", 1))
-            out = list(range(a, b + 1))
-        else:
-            out = [int(v) for v in spec.split(",")]
-    except ValueError:
-        raise UserError(f"bad steps {spec!r}: use N, A-B or A,B,C") from None
-    if not out or min(out) < 1:
-        raise UserError(f"bad steps {spec!r}: step counts must be ≥ 1")
-    return out
+    from ..options import MAX_STEPS, int_range
+
+    return int_range(spec, "steps", low=1, high=MAX_STEPS)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory; --prompts takes a text file, one prompt per line")
     try:
         lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
     except FileNotFoundError:
@@ -104,20 +103,25 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 def make_workload(*, prompts_file: str | os.PathLike | None = None, shapes_n: int | None = None,
                   calibration_n: int = 64, sizes: str | None = None, steps: str | None = None, seed: int = 0,
                   default_size: tuple[int, int] = (1024, 1024), default_steps: int = 20) -> Workload:
-    """One workload from CLI-style options (``--prompts`` and ``--shapes`` are exclusive)."""
+    """One workload from CLI-style options (``--prompts`` and ``--shapes`` are exclusive). Sizes and step
+    counts are parsed first, so a bad one is reported before any prompt is read or made."""
+    from ..options import integer, seed as check_seed
+
     if prompts_file is not None and shapes_n is not None:
         raise UserError("give --prompts FILE or --shapes N, not both")
+    check_seed(seed)
+    size_list = parse_sizes(sizes) if sizes else [default_size]
+    step_list = parse_steps(steps) if steps else [default_steps]
     if prompts_file is not None:
         prompts, source = read_prompts(prompts_file), f"file:{Path(prompts_file).name}"
     elif shapes_n is not None:
-        if shapes_n < 1:
-            raise UserError(f"--shapes must be ≥ 1, got {shapes_n}")
+        integer(shapes_n, "--shapes", low=1, high=MAX_PROMPTS)
         from .. import shapes
 
         prompts, source = shapes.prompts(shapes_n, seed=seed, split="train"), "shapes"
     else:
+        integer(calibration_n, "--calibration", low=1, high=MAX_PROMPTS)
         from .calibration import calibration_prompts
 
         prompts, source = calibration_prompts(calibration_n, seed=seed), "calibration"
-    return Workload(prompts, parse_sizes(sizes) if sizes else [default_size],
-                    parse_steps(steps) if steps else [default_steps], seed, source)
+    return Workload(prompts, size_list, step_list, seed, source)

@@ -52,6 +52,22 @@ class TextEncoders(nn.Module):
         return seq, pooled
 
 
+    def warn_if_truncated(self, prompts: list[str], max_sequence_length: int) -> None:
+        """Warn (once per prompt) when a prompt has more tokens than the T5 or CLIP encoder reads."""
+        from ..errors import warn
+
+        limits = ((self.t5_tokenizer, max_sequence_length, "T5"),
+                  (self.clip_tokenizer, min(getattr(self.clip_tokenizer, "model_max_length", 77) or 77, 77), "CLIP"))
+        for p in dict.fromkeys(prompts):
+            for tok, limit, name in limits:
+                n = len(tok(p, truncation=False, verbose=False).input_ids)
+                if n > limit:
+                    short = p if len(p) <= 60 else p[:57] + "..."
+                    warn(f"prompt {short!r} has {n} {name} tokens; the text encoder reads the first {limit}, "
+                         "the rest is cut")
+                    break
+
+
 def load_text_encoders(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> TextEncoders:
     """Load CLIP + T5 and their tokenizers from a directory in the diffusers layout."""
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import shapes
 from ..checkpoints.io import open_weights, save_safetensors
-from ..errors import UserError
+from ..errors import NonFiniteError, UserError
 from ..models.flux import image_ids, pack, text_ids
 from ..pipeline import Pipeline, save_pipeline
 
@@ -141,9 +141,15 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         loss = self.loss_at(self.step)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteError(f"the training loss became NaN/inf at step {self.step + 1}; stopped, the last "
+                                 f"checkpoint in {self.out} is kept (try a lower --lr)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if not math.isfinite(float(gnorm)):
+            raise NonFiniteError(f"the gradients became NaN/inf at step {self.step + 1}; stopped, the last "
+                                 f"checkpoint in {self.out} is kept (try a lower --lr)")
         self.opt.step()
         with torch.no_grad():
             d = min(cfg.ema, (1 + self.step) / (10 + self.step))

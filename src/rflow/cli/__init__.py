@@ -1,0 +1,116 @@
+"""The ``rflow`` command: a thin layer over the library.
+
+Bad input -> one line on stderr starting ``rflow: error:`` and exit code 2; Ctrl-C (or SIGTERM) ->
+``rflow: interrupted`` and exit code 130, with every earlier output left as it was (rflow.outputs).
+torch and transformers are imported only by the commands that need them, so ``rflow --help`` and
+``rflow --version`` answer at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import warnings
+
+import typer
+
+from .. import __version__
+from ..errors import RflowWarning, UserError, use_cli_names
+from .common import check_all_commands, console, out
+
+try:  # typer ≥ 0.26 carries its own parser; older releases raise click's exceptions
+    from typer import TyperException as _CliError
+except ImportError:  # pragma: no cover
+    from click import ClickException as _CliError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rflow: rectified-flow diffusion transformers (FLUX.1) on one GPU.")
+
+
+def _register() -> None:
+    from . import analyze, capture, generate, prune
+
+    for mod in (generate, analyze, capture, prune):
+        mod.register(app)
+    check_all_commands(app)
+
+
+_register()
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="print the version")):
+    if version:
+        out.print(f"rflow {__version__}")
+        raise typer.Exit()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, RflowWarning):
+        print(f"rflow: warning: {message}", file=sys.stderr)
+    elif not issubclass(category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning)):
+        print(f"rflow: warning: {category.__name__}: {str(message).splitlines()[0] if str(message) else ''}",
+              file=sys.stderr)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning user errors into one line and exit code 2."""
+    use_cli_names(True)
+    old_term = None
+    if argv is None:
+        try:
+            old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.filterwarnings("always", category=RflowWarning)
+            warnings.showwarning = _show_warning
+            rc = app(args=argv, prog_name="rflow", standalone_mode=False)
+    except UserError as e:
+        print(f"rflow: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return _exit(2, argv)
+    except (KeyboardInterrupt, typer.Abort):
+        print("rflow: interrupted", file=sys.stderr)
+        return _exit(130, argv)
+    except _CliError as e:  # usage errors: unknown option, missing argument, bad value
+        if type(e).__name__ == "NoArgsIsHelpError":
+            return _exit(2, argv)  # the help text was already printed
+        print(f"rflow: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        return _exit(2, argv)
+    except OSError as e:  # unreadable input, unwritable output, disk full
+        print(f"rflow: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return _exit(2, argv)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        print("rflow: error: out of memory: use a smaller --size or --batch, or a narrower --dtype", file=sys.stderr)
+        return _exit(2, argv)
+    finally:
+        use_cli_names(False)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    rc = rc if isinstance(rc, int) else 0
+    if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130 without a word
+        print("rflow: interrupted", file=sys.stderr)
+    return _exit(rc, argv)
+
+
+def _exit(code: int, argv) -> int:
+    if argv is None:  # called as the console script
+        sys.exit(code)
+    return code
+
+
+__all__ = ["app", "main", "console", "out"]

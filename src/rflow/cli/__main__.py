@@ -1,0 +1,5 @@
+"""``python -m rflow.cli``: the same as the ``rflow`` command."""
+
+from . import main
+
+main()
