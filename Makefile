@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 demo: install
 	@mkdir -p outputs
-	$(VENV)/bin/rflow generate "$(DEMO_PROMPT)" -o outputs/demo.png
+	$(VENV)/bin/rflow generate "$(DEMO_PROMPT)" -o outputs/demo.png --force
 	@echo "The picture is in $(CURDIR)/outputs/demo.png"
 
 test: install

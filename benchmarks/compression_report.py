@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import rflow  # noqa: E402
-from rflow.checkpoints.io import atomic_write_bytes  # noqa: E402
+from rflow.outputs import atomic_write_bytes  # noqa: E402
 from rflow.compress.analyze import analyze  # noqa: E402
 from rflow.compress.capture import CaptureReader, capture  # noqa: E402
 from rflow.compress.distill import distill  # noqa: E402

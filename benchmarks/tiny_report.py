@@ -24,7 +24,8 @@ import torch  # noqa: E402
 
 import rflow  # noqa: E402
 from rflow import shapes  # noqa: E402
-from rflow.checkpoints.io import atomic_write_bytes, open_weights  # noqa: E402
+from rflow.checkpoints.io import open_weights  # noqa: E402
+from rflow.outputs import atomic_write_bytes  # noqa: E402
 from rflow.evaluate import evaluate  # noqa: E402
 from rflow.sampling import SOLVERS  # noqa: E402
 
