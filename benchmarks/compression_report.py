@@ -73,7 +73,7 @@ def main() -> None:
     steps = str(args.steps)
     stats = analyze(ref, make_workload(shapes_n=args.analyze, steps=steps, seed=0, default_size=ref.default_size))
     freq = torch.cat([stats.frequency(u) for u in stats.units])
-    res = {"date": datetime.date.today().isoformat(), "model_hash": ref.fingerprint, "args": vars(args),
+    res = {"date": datetime.date.today().isoformat(), "model_hash": ref.model_hash, "args": vars(args),
            "units_total": int(freq.numel()), "never_fire": int((freq == 0).sum()),
            "fire_quantiles": {q: float(freq.quantile(q)) for q in (0.01, 0.1, 0.5, 0.9)}, "rows": []}
     # measurement prompts: a seed far from the analysis prompts

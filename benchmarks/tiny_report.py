@@ -51,7 +51,7 @@ def main() -> None:
     pipe = rflow.load(args.model, device="cpu")
     steps = [int(s) for s in args.steps.split(",")]
     res = {"date": datetime.date.today().isoformat(), "host": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "model_hash": pipe.fingerprint, "prompts": args.prompts, "curves": {}}
+           "torch": torch.__version__, "model_hash": pipe.model_hash, "prompts": args.prompts, "curves": {}}
     for solver in SOLVERS:
         for n in steps:
             t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..models.flux import Flux, FluxConfig
-from .io import SafetensorsFiles, open_weights, read_json
+from .io import SafetensorsFiles, majority, open_weights, read_json, tensor_kind
 
 CONFIG_METADATA_KEY = "rflow.flux_config"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -186,22 +186,6 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
 _NORM_SCALE = re.compile(r"(?:double_blocks\.\d+\.(?:img|txt)_attn|single_blocks\.\d+)\.norm\.(?:query|key)_norm\.scale")
 
 
-def _vote(values) -> int | None:
-    """The most common value that is not None (the first of equally common ones); None if there is none.
-
-    Most sizes are written in several tensors; taking the majority means a single corrupt tensor is
-    the one reported as wrong, not the many that disagree with it."""
-    counts: dict[int, int] = {}
-    for v in values:
-        if v is not None:
-            counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=counts.get) if counts else None
-
-
-def _kind(key: str) -> str:
-    return "weight" if key.endswith(".weight") else "tensor"
-
-
 def expected_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name of a :class:`Flux` built from ``config`` and its shape (built on the meta device)."""
     with torch.device("meta"):
@@ -293,7 +277,7 @@ def infer_config(
             raise UserError(f"FLUX.1 checkpoint is missing {k!r}")
         s = shapes[k]
         if len(s) != rank:
-            raise UserError(f"{label(k)} has shape {s}, expected a {rank}-D {_kind(k)}")
+            raise UserError(f"{label(k)} has shape {s}, expected a {rank}-D {tensor_kind(k)}")
         if min(s) < 1:
             raise UserError(f"{label(k)} has shape {s}, expected no empty dimension")
         return s
@@ -307,14 +291,14 @@ def infer_config(
         raise UserError("FLUX.1 checkpoint has no transformer blocks")
 
     in_ch = require("img_in.weight", 2)[1]
-    hidden = _vote([dim("img_in.weight", 2, 0), dim("txt_in.weight", 2, 0), dim("time_in.in_layer.weight", 2, 0),
+    hidden = majority([dim("img_in.weight", 2, 0), dim("txt_in.weight", 2, 0), dim("time_in.in_layer.weight", 2, 0),
                     dim("vector_in.in_layer.weight", 2, 0), dim("final_layer.linear.weight", 2, 1)])
-    out_ch = _vote([dim("final_layer.linear.weight", 2, 0), dim("final_layer.linear.bias", 1, 0)])
+    out_ch = majority([dim("final_layer.linear.weight", 2, 0), dim("final_layer.linear.bias", 1, 0)])
     if out_ch is None:
         out_ch = require("final_layer.linear.weight", 2)[0]
     context_dim = require("txt_in.weight", 2)[1]
     vec_dim = require("vector_in.in_layer.weight", 2)[1]
-    time_dim = _vote([dim("time_in.in_layer.weight", 2, 1), dim("guidance_in.in_layer.weight", 2, 1)])
+    time_dim = majority([dim("time_in.in_layer.weight", 2, 1), dim("guidance_in.in_layer.weight", 2, 1)])
     if time_dim is None:
         time_dim = require("time_in.in_layer.weight", 2)[1]
 
@@ -322,7 +306,7 @@ def infer_config(
         d = dim(k, 1, 0)
         return d if d is not None and d % 2 == 0 and hidden % d == 0 else None
 
-    head_dim = _vote([head_dim_of(k) for k in shapes if _NORM_SCALE.fullmatch(k)])
+    head_dim = majority([head_dim_of(k) for k in shapes if _NORM_SCALE.fullmatch(k)])
     if head_dim is None:
         first = "double_blocks.0.img_attn.norm.query_norm.scale" if double_idx else "single_blocks.0.norm.query_norm.scale"
         s = require(first, 1)
@@ -333,14 +317,14 @@ def infer_config(
         pair = []
         for stream in ("img", "txt"):
             b = f"double_blocks.{i}.{stream}_mlp"
-            w = _vote([dim(f"{b}.0.weight", 2, 0), dim(f"{b}.0.bias", 1, 0), dim(f"{b}.2.weight", 2, 1)])
+            w = majority([dim(f"{b}.0.weight", 2, 0), dim(f"{b}.0.bias", 1, 0), dim(f"{b}.2.weight", 2, 1)])
             pair.append(w if w is not None else require(f"{b}.0.weight", 2)[0])
         double.append(tuple(pair))
     single = []
     for i in single_idx:
         b = f"single_blocks.{i}"
         rows, bias, cols = dim(f"{b}.linear1.weight", 2, 0), dim(f"{b}.linear1.bias", 1, 0), dim(f"{b}.linear2.weight", 2, 1)
-        w = _vote([positive(rows and rows - 3 * hidden), positive(bias and bias - 3 * hidden), positive(cols and cols - hidden)])
+        w = majority([positive(rows and rows - 3 * hidden), positive(bias and bias - 3 * hidden), positive(cols and cols - hidden)])
         if w is None:
             s = require(f"{b}.linear1.weight", 2)
             raise UserError(
@@ -390,7 +374,7 @@ def infer_config(
         for s, w in parts:
             got = tuple(source_shapes[s])
             if got != w:
-                why = f"expected a {len(w)}-D {_kind(k)}" if len(got) != len(w) else f"expected {w} {_why(k, config)}"
+                why = f"expected a {len(w)}-D {tensor_kind(k)}" if len(got) != len(w) else f"expected {w} {_why(k, config)}"
                 raise UserError(f"{s} has shape {got}, {why}")
     return config
 

@@ -136,6 +136,22 @@ def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
+def majority(values) -> int | None:
+    """The most common value that is not None (the first of equally common ones); None if there is none.
+
+    Most sizes are written in several tensors; taking the majority means a single corrupt tensor is
+    the one reported as wrong, not the many that disagree with it."""
+    counts: dict[int, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def tensor_kind(key: str) -> str:
+    return "weight" if key.endswith(".weight") else "tensor"
+
+
 def read_json(path: Path) -> dict:
     try:
         with open(path) as f:

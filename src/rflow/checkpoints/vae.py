@@ -26,7 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..models.vae import AutoEncoder, VAEConfig
-from .io import open_weights, read_json
+from .io import majority, open_weights, read_json, tensor_kind
 
 METADATA_KEY = "rflow.vae_config"
 _PREFIXES = ("", "first_stage_model.", "vae.")
@@ -107,22 +107,6 @@ def _not_vae(where, why: str) -> UserError:
     return UserError(f"{where}: not a FLUX/SD VAE checkpoint ({why})")
 
 
-def _vote(values) -> int | None:
-    """The most common value that is not None (the first of equally common ones); None if there is none.
-
-    Most sizes are written in several tensors; the majority makes a single corrupt tensor the one
-    reported as wrong, not the many that disagree with it."""
-    counts: dict[int, int] = {}
-    for v in values:
-        if v is not None:
-            counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=counts.get) if counts else None
-
-
-def _kind(key: str) -> str:
-    return "weight" if key.endswith(".weight") else "tensor"
-
-
 def infer_vae_config(
     shapes: Mapping[str, tuple[int, ...]], where: str | os.PathLike = "checkpoint", *, names: Mapping[str, str] | None = None
 ) -> VAEConfig:
@@ -147,7 +131,7 @@ def infer_vae_config(
             raise _not_vae(where, f"missing {key}")
         s = shapes[key]
         if len(s) != rank:
-            raise UserError(f"{where}: {label(key)} has shape {s}, expected a {rank}-D {_kind(key)}")
+            raise UserError(f"{where}: {label(key)} has shape {s}, expected a {rank}-D {tensor_kind(key)}")
         if min(s) < 1:
             raise UserError(f"{where}: {label(key)} has shape {s}, expected no empty dimension")
         return s
@@ -169,21 +153,21 @@ def infer_vae_config(
         raise _not_vae(where, "no encoder.down.0.block.{j} resnets")
     in_channels = require("encoder.conv_in.weight", 4)[1]
     first = "encoder.down.0.block.0"
-    ch = _vote([dim("encoder.conv_in.weight", 4, 0), dim("encoder.conv_in.bias", 1, 0),
+    ch = majority([dim("encoder.conv_in.weight", 4, 0), dim("encoder.conv_in.bias", 1, 0),
                 dim(f"{first}.conv1.weight", 4, 1), dim(f"{first}.norm1.weight", 1, 0)])
     widths = []
     for i in levels:
         b = f"encoder.down.{i}.block.0"
-        w = _vote([dim(f"{b}.conv2.weight", 4, 0), dim(f"{b}.conv2.weight", 4, 1), dim(f"{b}.conv2.bias", 1, 0),
+        w = majority([dim(f"{b}.conv2.weight", 4, 0), dim(f"{b}.conv2.weight", 4, 1), dim(f"{b}.conv2.bias", 1, 0),
                    dim(f"{b}.conv1.weight", 4, 0), dim(f"{b}.norm2.weight", 1, 0)])
         widths.append(w if w is not None else require(f"{b}.conv2.weight", 4)[0])
     if any(w % ch for w in widths):
         raise UserError(f"{where}: unsupported VAE: level widths {widths} are not multiples of the first ({ch})")
-    z = _vote([dim("decoder.conv_in.weight", 4, 1), half(dim("encoder.conv_out.weight", 4, 0)),
+    z = majority([dim("decoder.conv_in.weight", 4, 1), half(dim("encoder.conv_out.weight", 4, 0)),
                half(dim("encoder.conv_out.bias", 1, 0))])
     if z is None:
         z = require("decoder.conv_in.weight", 4)[1]
-    out_channels = _vote([dim("decoder.conv_out.weight", 4, 0), dim("decoder.conv_out.bias", 1, 0)])
+    out_channels = majority([dim("decoder.conv_out.weight", 4, 0), dim("decoder.conv_out.bias", 1, 0)])
     if out_channels is None:
         out_channels = require("decoder.conv_out.weight", 4)[0]
     return VAEConfig(
@@ -323,7 +307,7 @@ def _check_against(
         if len(got) == 2 and want[2:] == (1, 1) and _ATTN_WEIGHT.search(k):
             want = want[:2]  # stored as a Linear weight (diffusers)
         if len(got) != len(want):
-            kind = "2-D (linear) or 4-D (1x1 conv) weight" if _ATTN_WEIGHT.search(k) else f"{len(want)}-D {_kind(k)}"
+            kind = "2-D (linear) or 4-D (1x1 conv) weight" if _ATTN_WEIGHT.search(k) else f"{len(want)}-D {tensor_kind(k)}"
             why = f"expected a {kind}"
         else:
             why = (f"expected {want} for a VAE with ch={config.ch}, ch_mult={config.ch_mult}, "

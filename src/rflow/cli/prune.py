@@ -37,9 +37,19 @@ def _workload(pipe, *, prompts: Path | None, shapes_n: int | None, sizes: str | 
         raise UserError("give --prompts FILE or --shapes N") from None
 
 
-def _check_workload_options(sizes: str | None, steps: str | None) -> None:
+def _check_sampling_options(solver: str, batch: int, guidance: float, shapes_n: int | None, sizes: str | None,
+                            steps: str | None) -> None:
+    """What measure and sensitivity share, checked before any model loads."""
+    from .. import options
     from ..compress.workload import parse_sizes, parse_steps
+    from ..sampling import SOLVERS
 
+    if solver not in SOLVERS:
+        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    options.integer(batch, "--batch", low=1, high=4096)
+    options.number(guidance, "--guidance", low=0)
+    if shapes_n is not None:
+        options.integer(shapes_n, "--shapes", low=1, high=100_000)
     if sizes is not None:
         parse_sizes(sizes)
     if steps is not None:
@@ -112,18 +122,11 @@ def measure(
     from .. import options
     from ..compress.measure import measure as run_measure
     from ..pipeline import load, parse_dtype
-    from ..sampling import SOLVERS
 
     given = [o for o, v in (("--capture", capture), ("--prompts", prompts), ("--shapes", shapes_n)) if v is not None]
     if len(given) > 1:
         raise UserError(f"give one of --capture, --prompts, --shapes (got {' and '.join(given)})")
-    if solver not in SOLVERS:
-        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    options.integer(batch, "--batch", low=1, high=4096)
-    options.number(guidance, "--guidance", low=0)
-    if shapes_n is not None:
-        options.integer(shapes_n, "--shapes", low=1, high=100_000)
-    _check_workload_options(sizes, steps)
+    _check_sampling_options(solver, batch, guidance, shapes_n, sizes, steps)
     dev = options.device(device) if device is not None else None
     dt = parse_dtype(dtype) if dtype is not None else None
     model, reference = resolve_model(model), resolve_model(reference)
@@ -189,18 +192,11 @@ def sensitivity(
     from ..compress.units import parse_streams
     from ..outputs import check_output, replacing_all
     from ..pipeline import load, parse_dtype
-    from ..sampling import SOLVERS
 
     options.number(level, "--level", low=0, high=1, low_open=True, high_open=True)
     _check_criterion(criterion)
     parse_streams(streams)
-    if solver not in SOLVERS:
-        raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    options.integer(batch, "--batch", low=1, high=4096)
-    options.number(guidance, "--guidance", low=0)
-    if shapes_n is not None:
-        options.integer(shapes_n, "--shapes", low=1, high=100_000)
-    _check_workload_options(sizes, steps)
+    _check_sampling_options(solver, batch, guidance, shapes_n, sizes, steps)
     outputs = [check_output(png, suffixes=(".png",), force=force, what="the plot")]
     if json_out is not None:
         outputs.append(check_output(json_out, suffixes=(".json",), force=force, what="the table"))
