@@ -39,10 +39,10 @@ that names both. The estimate is arithmetic on Python ints (no tensor is allocat
 
 The factor 1.5 and the 64 MiB cover allocator slack and workspaces, which measured 15–50 % above
 the tensors counted here. Calibrated against the peak RSS of real runs on the CPU (rflow-tiny at
-256² to 1536², batch up to 4; a FLUX-shaped transformer at D 768; the FLUX.1 decoder at 256² and
-512²; a tiny diffusers FLUX pipeline whose VAE attention dominates): the estimate is 1.1–2× the
-measured peak where activations dominate. On CUDA the same formula is used with bfloat16 sizes (not
-measured here).
+256² to 1536², batch up to 4; FLUX-shaped transformers up to D 768; the FLUX.1 decoder at 256² and
+512²; a tiny diffusers FLUX pipeline whose VAE attention dominates): over about 30 runs the estimate
+was 1.1–2.3× the measured peak where activations dominate, never below it. On CUDA the same formula
+is used with bfloat16 sizes (not measured here).
 """
 
 from __future__ import annotations
