@@ -9,7 +9,6 @@ from pipeline_ref import SIZE, tiny_pipeline
 from refs_schedulers import reference_scheduler
 from rflow.errors import UserError
 from rflow.models.flux import pack, unpack
-from rflow.sampling import get_sigmas
 
 PROMPTS = ["a red cat on the sky", "a photo of a blue dog in the city at night"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -436,6 +437,15 @@ def _outputs_argv(verb, o, **kw):
     return _fill(args, **kw) + ["-o", str(o)]
 
 
+def assert_default_modes(target: Path) -> None:
+    """Every file written has 0666 & ~umask (prune's transformer.safetensors once came out 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [target] if target.is_file() else [p for p in target.rglob("*") if p.is_file()]
+    modes = {str(p.relative_to(target.parent)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
 @pytest.mark.parametrize("verb", sorted(OUTPUT_VERBS))
 def test_existing_output_needs_force_then_is_replaced(capsys, tmp_path, verb, tiny, stats, stats2, pruned,
                                                       capture_dir, patches):
@@ -445,6 +455,7 @@ def test_existing_output_needs_force_then_is_replaced(capsys, tmp_path, verb, ti
     rc, _, err = cli(capsys, *_outputs_argv(verb, target, **kw))
     assert rc == 0, err
     assert target.exists()
+    assert_default_modes(target)
     before = snapshot(target)
     rc, _, err = cli(capsys, *_outputs_argv(verb, target, **kw))
     if verb == "train":

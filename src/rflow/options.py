@@ -34,6 +34,14 @@ def number(value, name: str, *, low: float | None = None, high: float | None = N
     return v
 
 
+GUIDANCE_MAX = 1000.0  # far above any useful value (FLUX.1-dev is used at 1-10); keeps guidance·1000 a float32
+
+
+def guidance(value, name: str = "guidance") -> float:
+    """A distilled-guidance value: finite, within [0, GUIDANCE_MAX]."""
+    return number(value, name, low=0, high=GUIDANCE_MAX)
+
+
 def integer(value, name: str, *, low: int | None = None, high: int | None = INT_MAX) -> int:
     """``value`` as an int within [low, high]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

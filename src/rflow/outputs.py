@@ -10,6 +10,10 @@
   Ctrl-C included, the sibling is removed and the earlier output stays byte-identical. A run killed
   outright (SIGKILL) leaves only a hidden sibling behind, which the next write to that output removes.
 * :func:`atomic_write_bytes` is :func:`replacing` for bytes already in memory.
+* :func:`request_interrupt` records a Ctrl-C that may have been swallowed (Python drops an exception
+  raised inside a ``__del__``); from then on no output is swapped in — the swap raises
+  ``KeyboardInterrupt`` instead — until :func:`clear_interrupt`.
+* Files swapped in get the usual ``0666 & ~umask`` mode, whatever the writer of the sibling chose.
 """
 
 from __future__ import annotations
@@ -24,6 +28,29 @@ from typing import Iterator
 from .errors import UserError, flag
 
 TMP_TAG = ".rflow-tmp-"
+
+_interrupted = False
+
+
+def request_interrupt() -> None:
+    """Note a Ctrl-C: every later swap refuses (raises KeyboardInterrupt) until :func:`clear_interrupt`."""
+    global _interrupted
+    _interrupted = True
+
+
+def clear_interrupt() -> None:
+    global _interrupted
+    _interrupted = False
+
+
+def interrupt_requested() -> bool:
+    return _interrupted
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was noted, even one that Python swallowed."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def check_output(path: str | os.PathLike, *, kind: str = "file", suffixes: tuple[str, ...] = (), force: bool = False,
@@ -119,6 +146,35 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _umask() -> int:
+    try:  # Linux ≥ 4.7 reports it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_modes(tmp: Path, kind: str) -> None:
+    """Give written files ``0666 & ~umask`` (folders ``0777 & ~umask``): writers that go through
+    ``mkstemp`` leave 0600, which would make one output of a run private and the rest not."""
+    mask = _umask()
+    if kind == "file":
+        if tmp.is_file() and not tmp.is_symlink():
+            os.chmod(tmp, 0o666 & ~mask)
+        return
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            f = Path(root) / name
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~mask)
+
+
 def _commit(tmp: Path, dst: Path, kind: str) -> None:
     if kind == "file":
         _fsync_path(tmp)
@@ -164,6 +220,9 @@ def replacing_all(paths: list, kinds: list[str] | None = None) -> Iterator[list[
                 tmp.mkdir()
             tmps.append(tmp)
         yield tmps
+        check_interrupt()
+        for tmp, kind in zip(tmps, kinds):
+            _default_modes(tmp, kind)
         for tmp, dst, kind in zip(tmps, dsts, kinds):
             _commit(tmp, dst, kind)
     finally:

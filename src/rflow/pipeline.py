@@ -149,7 +149,7 @@ class Pipeline:
         if solver not in sampling.SOLVERS:
             raise UserError(f"unknown solver {solver!r}; choose from {', '.join(sampling.SOLVERS)}")
         options.steps(steps)
-        options.number(guidance, "guidance")
+        options.guidance(guidance)
         options.number(cfg, "cfg", low=1)
         options.number(strength, "strength", low=0, high=1)
         options.seed(seed)

@@ -14,7 +14,7 @@ import warnings
 
 import typer
 
-from .. import __version__
+from .. import __version__, outputs
 from ..errors import RflowWarning, UserError, use_cli_names
 from .common import check_all_commands, console, out
 
@@ -53,8 +53,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
               file=sys.stderr)
 
 
-def _on_sigterm(signum, frame):
+def _on_signal(signum, frame):
+    """Ctrl-C and SIGTERM: note it (so that a KeyboardInterrupt Python swallows — one raised inside a
+    ``__del__`` — still stops the run before any output is swapped in), then interrupt."""
+    outputs.request_interrupt()
     raise KeyboardInterrupt
+
+
+def _unraisable(hook):
+    def show(u) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            return  # noted by _on_signal; the run stops at its next check
+        hook(u)
+    return show
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -66,18 +77,22 @@ def _out_of_memory(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line and exit code 2."""
     use_cli_names(True)
-    old_term = None
-    if argv is None:
+    outputs.clear_interrupt()
+    old_handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+            old_handlers[sig] = signal.signal(sig, _on_signal)
         except ValueError:  # not the main thread
-            pass
+            break
+    old_unraisable = sys.unraisablehook
+    sys.unraisablehook = _unraisable(old_unraisable)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.filterwarnings("always", category=RflowWarning)
             warnings.showwarning = _show_warning
             rc = app(args=argv, prog_name="rflow", standalone_mode=False)
+        outputs.check_interrupt()
     except UserError as e:
         print(f"rflow: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return _exit(2, argv)
@@ -99,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return _exit(2, argv)
     finally:
         use_cli_names(False)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = old_unraisable
+        outputs.clear_interrupt()
     rc = rc if isinstance(rc, int) else 0
     if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130 without a word
         print("rflow: interrupted", file=sys.stderr)

@@ -92,7 +92,7 @@ def analyze_command(
     for n, name in ((calibration, "--calibration"), (shapes, "--shapes")):
         if n is not None:
             options.integer(n, name, low=1, high=100_000)
-    options.number(guidance, "--guidance", low=0)
+    options.guidance(guidance, "--guidance")
     options.number(cfg, "--cfg", low=1)
     if steps is not None:
         parse_steps(steps)

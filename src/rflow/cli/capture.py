@@ -64,7 +64,7 @@ def register(app) -> None:
         options.layer_spec(layers)
         if solver not in SOLVERS:
             raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        options.number(guidance, "--guidance", low=0)
+        options.guidance(guidance, "--guidance")
         options.number(cfg, "--cfg", low=1)
         if sizes is not None:
             parse_sizes(sizes)

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import typer
 from rich.console import Console
 
+from ..outputs import check_interrupt
 from ..errors import UserError
 from ..options import INT_MAX, seed as check_seed
 
@@ -44,6 +45,7 @@ class _Plain:
         self.last, self.printed = time.monotonic(), False
 
     def update(self, completed: int, total: int | None = None, description: str | None = None) -> None:
+        check_interrupt()
         if total:
             self.total = max(1, int(total))
         if description:
@@ -68,6 +70,7 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
         task = bar.add_task(description, total=max(1, int(total)))
 
         def update(completed: int, total: int | None = None, description: str | None = None) -> None:
+            check_interrupt()
             kw = {"completed": completed}
             if total:
                 kw["total"] = max(1, int(total))

@@ -93,7 +93,7 @@ def generate(
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     options.steps(steps)
-    options.number(guidance, "--guidance", low=0)
+    options.guidance(guidance, "--guidance")
     options.number(cfg, "--cfg", low=1)
     options.integer(batch, "--batch", low=1, high=4096)
     options.number(strength, "--strength", low=0, high=1)
@@ -171,7 +171,7 @@ def eval_(
     options.integer(shapes_n, "--shapes", low=1, high=100_000)
     options.integer(heldout, "--heldout", low=0, high=100_000)
     options.steps(steps)
-    options.number(guidance, "--guidance", low=0)
+    options.guidance(guidance, "--guidance")
     options.number(cfg, "--cfg", low=1)
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")

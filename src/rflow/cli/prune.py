@@ -47,7 +47,7 @@ def _check_sampling_options(solver: str, batch: int, guidance: float, shapes_n: 
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     options.integer(batch, "--batch", low=1, high=4096)
-    options.number(guidance, "--guidance", low=0)
+    options.guidance(guidance, "--guidance")
     if shapes_n is not None:
         options.integer(shapes_n, "--shapes", low=1, high=100_000)
     if sizes is not None:
