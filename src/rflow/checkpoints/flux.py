@@ -19,13 +19,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import UserError
 from ..models.flux import Flux, FluxConfig
 from .io import SafetensorsFiles, majority, open_weights, read_json, tensor_kind
+from .plan import Plan, block_indices, cat, identity_plan, one, plan_shapes, swap_halves
 
 CONFIG_METADATA_KEY = "rflow.flux_config"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -58,21 +58,7 @@ class CheckpointInfo:
         }
 
 
-# A plan maps each BFL key to (source keys, how to combine them).
-Plan = dict[str, tuple[list[str], Callable[[list[torch.Tensor]], torch.Tensor]]]
-
-
-def _one(ts):
-    return ts[0]
-
-
-def _cat(ts):
-    return torch.cat(ts, dim=0)
-
-
-def _swap_halves(ts):
-    scale, shift = ts[0].chunk(2, dim=0)
-    return torch.cat([shift, scale], dim=0)
+_one, _cat, _swap_halves = one, cat, swap_halves
 
 
 def detect_format(keys: list[str]) -> tuple[str, str]:
@@ -89,17 +75,7 @@ def detect_format(keys: list[str]) -> tuple[str, str]:
     raise UserError(f"not a FLUX.1 transformer checkpoint (first key: {hint!r})")
 
 
-def _block_indices(keys, prefix: str) -> list[int]:
-    idx = set()
-    for k in keys:
-        if k.startswith(prefix):
-            n = k[len(prefix) :].split(".", 1)[0]
-            if not (n.isascii() and n.isdigit()):
-                raise UserError(f"unexpected tensor {k!r}: blocks are numbered {prefix}0, {prefix}1, ...")
-            idx.add(int(n))
-    if idx and sorted(idx) != list(range(len(idx))):
-        raise UserError(f"checkpoint blocks {prefix}N are not numbered 0..{len(idx) - 1}")
-    return sorted(idx)
+_block_indices = block_indices
 
 
 def diffusers_plan(keys: list[str]) -> Plan:
@@ -156,23 +132,8 @@ def diffusers_plan(keys: list[str]) -> Plan:
     return plan
 
 
-def _bfl_plan(keys: list[str], prefix: str) -> Plan:
-    """BFL keys as they are; rflow's own bookkeeping tensors (``rflow.*``, e.g. pruning indices) are skipped."""
-    return {k[len(prefix) :]: ([k], _one) for k in keys if k.startswith(prefix) and not k.startswith("rflow.")}
-
-
-def _plan_shapes(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the BFL tensors a plan produces, from source shapes alone (no tensor is read).
-
-    Concatenated sources of the wrong rank count as zero rows here; :func:`infer_config` names them."""
-    out = {}
-    for dst, (srcs, fn) in plan.items():
-        if fn is _cat:
-            parts = [tuple(shapes[s]) for s in srcs if len(shapes[s]) >= 1]
-            out[dst] = (sum(s[0] for s in parts),) + (parts[0][1:] if parts else ())
-        else:
-            out[dst] = tuple(shapes[srcs[0]])
-    return out
+_bfl_plan = identity_plan
+_plan_shapes = plan_shapes
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
