@@ -20,7 +20,7 @@ def pipe():
 
 
 def test_default_is_embedded(pipe):
-    assert pipe.name == "rflow-tiny" and pipe.default_size == (64, 64) and pipe.prediction == "data"
+    assert pipe.name == "rflow-tiny" and pipe.default_size == (64, 64) and pipe.denoiser.prediction == "data"
     assert (DEFAULT_MODEL_DIR / "rflow_pipeline.json").exists()
     size = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 15 * 2**20, f"embedded model is {size / 2**20:.1f} MiB"

@@ -45,7 +45,7 @@ def generate_batched(pipe: Pipeline, prompts: list[str], *, batch: int = 50, see
 
 
 def evaluate(pipe: Pipeline, *, n: int = 200, prompts: list[str] | None = None, heldout: int = 50, steps: int = 20,
-             solver: str = "euler", seed: int = 0, guidance: float = 3.5, cfg: float = 1.0, batch: int = 50,
+             solver: str = "euler", seed: int = 0, guidance: float | None = None, cfg: float = 1.0, batch: int = 50,
              progress: Callable[[int], None] | None = None) -> EvalResult:
     """Generate and score ``n`` grammar prompts (or the given ``prompts``) and ``heldout`` held-out-pair
     prompts; ``progress(done)`` counts images over both sets."""

@@ -37,9 +37,9 @@ def number(value, name: str, *, low: float | None = None, high: float | None = N
 GUIDANCE_MAX = 1000.0  # far above any useful value (FLUX.1-dev is used at 1-10); keeps guidance·1000 a float32
 
 
-def guidance(value, name: str = "guidance") -> float:
-    """A distilled-guidance value: finite, within [0, GUIDANCE_MAX]."""
-    return number(value, name, low=0, high=GUIDANCE_MAX)
+def guidance(value, name: str = "guidance") -> float | None:
+    """A distilled-guidance value: finite, within [0, GUIDANCE_MAX]; None (the model's default) passes."""
+    return None if value is None else number(value, name, low=0, high=GUIDANCE_MAX)
 
 
 def integer(value, name: str, *, low: int | None = None, high: int | None = INT_MAX) -> int:

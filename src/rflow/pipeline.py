@@ -1,9 +1,10 @@
-"""Text-to-image and img2img with a FLUX.1-family model: ``rflow.load(...)`` -> :class:`Pipeline`.
+"""Text-to-image and img2img for every family: ``rflow.load(...)`` -> :class:`Pipeline`.
 
-A pipeline is three parts — transformer, VAE, text encoders — plus the sigma schedule the model was
-trained for. ``generate`` works in the normalised latent space the transformer sees: ``noise`` and the
-``output_type="latent"`` result are (B, C, H/f, W/f) tensors there, equal to diffusers FluxPipeline's
-latents, unpacked.
+A pipeline is three parts — transformer, VAE (or latent codec), text encoders — plus the sigma schedule
+the model was trained for, and its family (:mod:`rflow.families`), which supplies the denoiser
+``denoiser(x, sigma, cond) -> v`` in rflow's one convention, the latent spec and the text conditioning.
+``generate`` works in the latent space of the diffusers pipeline's own ``latents`` argument for that
+family (:meth:`Pipeline.latent_shape`); ``noise`` and the ``output_type="latent"`` result live there.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from .checkpoints.flux import FluxCheckpoint, load_flux
 from .checkpoints.io import read_json
 from .checkpoints.vae import load_vae
 from .errors import NonFiniteError, UserError, flag, warn
-from .models.flux import Flux, image_ids, pack, text_ids, unpack
+from .families.base import Guidance, guided
+from .models.flux import Flux
 from .models.text import TextEncoders, find_text_encoders, load_text_encoders
 from .paths import MANIFEST
 
 OUTPUT_TYPES = ("pil", "latent", "pt", "np")
+DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance
 
 
 @dataclass
@@ -56,60 +59,71 @@ class Pipeline:
     schedule: Schedule = field(default_factory=Schedule)
     default_size: tuple[int, int] = (1024, 1024)  # (width, height)
     name: str = "flux1"
-    max_sequence_length: int = 512  # T5 tokens, FLUX.1's default
+    max_sequence_length: int = 512  # text tokens (T5 for FLUX.1)
     fingerprint: str = ""  # content fingerprint of the transformer's tensors (statistics, captures, patches)
     model_hash: str = ""  # sha256 of the transformer file(s), 10 hex digits: the PNG's "Model hash"
     patches_hash: str = ""  # set by load_with_patches
     grammar: str | None = None  # "shapes" for models trained on the shapes world (prompts outside it warn)
-    # What the transformer outputs: "velocity" (FLUX.1: v = noise − x0) or "data" (x0, as rflow-tiny,
-    # whose pixel-patch tokens are as wide as its hidden size); "data" is turned into v = (x_t − x0)/t here.
-    prediction: str = "velocity"
+    family: str = "flux1"  # the rflow.families module that runs this transformer
+    # Passed to the family's Denoiser: rflow-tiny's {"prediction": "data"} (it predicts x0, not v).
+    denoiser_options: dict = field(default_factory=dict)
+
+    @property
+    def family_module(self):
+        from .checkpoints.loader import family_module
+
+        return family_module(self.family)
+
+    @property
+    def denoiser(self):
+        """``denoiser(x, sigma, cond) -> v`` over this pipeline's latents (see rflow.families.base)."""
+        return self.family_module.Denoiser(self.transformer, **self.denoiser_options)
 
     @property
     def device(self) -> torch.device:
         return self.transformer.device
 
     @property
+    def latent_spec(self):
+        return self.family_module.latent_spec(self.transformer.config, self.vae.downscale_factor)
+
+    @property
     def latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4
+        return self.latent_spec.channels
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's downscale factor × the 2×2 patch."""
-        return self.vae.downscale_factor * 2
+        """Image sides must be multiples of this (FLUX.1: the VAE's downscale factor × the 2×2 patch)."""
+        return self.latent_spec.size_multiple
+
+    def latent_shape(self, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
+        """The shape of ``noise`` (and of ``output_type="latent"``) for ``batch`` images of height × width."""
+        return self.latent_spec.shape(batch, height, width)
+
+    def has_guidance_embedder(self) -> bool:
+        return bool(getattr(self.transformer.config, "guidance_embed", False))
+
+    def resolve_guidance(self, guidance: float | None) -> float | None:
+        """The distilled-guidance value to use: ``guidance`` checked, or 3.5 when None, for models with a
+        guidance embedder; None for models without one, where an explicit value is an error."""
+        from . import options
+
+        options.guidance(guidance)
+        if not self.has_guidance_embedder():
+            if guidance is not None:
+                raise UserError(f"this model ({self.name}) has no guidance embedder: {flag('guidance')} does not "
+                                f"apply (use {flag('cfg')} for true CFG)")
+            return None
+        return DEFAULT_GUIDANCE if guidance is None else float(guidance)
 
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
+        """FLUX.1's (T5 sequence, pooled CLIP vector) for ``prompts``."""
         return self.text_encoders.encode(prompts, max_sequence_length)
 
-    def velocity_fn(self, txt: Tensor, vec: Tensor, guidance: float | None, neg: tuple[Tensor, Tensor] | None = None,
-                    cfg: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
-        """``velocity(x, t)`` over unpacked latents, with distilled guidance and optional true CFG."""
-        model = self.transformer
-        dev = self.device
-        tids = text_ids(txt.shape[1], dev)
-
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            B, _, h, w = x.shape
-            img, iids = pack(x), image_ids(h, w, dev)
-            tvec = torch.full((B,), float(t), device=dev)
-            gvec = torch.full((B,), float(guidance), device=dev) if model.config.guidance_embed else None
-            with torch.no_grad():
-                v = self.to_velocity(model(img, iids, txt, tids, tvec, vec, gvec), img, tvec)
-                if neg is not None:
-                    v_neg = self.to_velocity(model(img, iids, neg[0], text_ids(neg[0].shape[1], dev), tvec, neg[1], gvec), img, tvec)
-                    v = v_neg + cfg * (v - v_neg)
-            return unpack(v, h, w)
-
-        return velocity
-
-    def to_velocity(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """The transformer's output as a velocity (identity for velocity-predicting models).
-
-        A data-predicting model's x0 becomes v = (x_t − x0)/t; t never reaches 0 in sampling (the
-        last step's velocity is taken at the last nonzero sigma), the floor only guards the division."""
-        if self.prediction == "velocity":
-            return out
-        return (x_t.to(out.dtype) - out) / t.to(out.dtype).clamp_min(1e-4).view(-1, 1, 1)
+    def encode(self, prompts: list[str], max_sequence_length: int | None = None, guidance: float | None = None):
+        """The family's conditioning for ``prompts`` (the ``cond`` its denoiser takes)."""
+        return self.family_module.encode(self.text_encoders, prompts, max_sequence_length or self.max_sequence_length,
+                                         guidance=guidance)
 
     def generate(
         self,
@@ -119,7 +133,7 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         steps: int = 28,
-        guidance: float = 3.5,
+        guidance: float | None = None,
         cfg: float = 1.0,
         seed: int = 0,
         solver: str = "euler",
@@ -133,8 +147,10 @@ class Pipeline:
         """Generate images. ``width``/``height`` default to the model's native size (1024 for FLUX.1),
         ``max_sequence_length`` to the model's T5 length (512 for FLUX.1).
 
-        ``guidance`` feeds the distilled-guidance embedder (if the model has one); ``cfg > 1`` runs true
-        CFG against ``negative_prompt`` (empty prompt if none); ``image`` + ``strength`` is img2img.
+        ``guidance`` feeds the distilled-guidance embedder (default 3.5; only for models that have one:
+        an explicit value for a model without one is an error); ``cfg > 1`` runs true CFG,
+        v = v_neg + cfg·(v_pos − v_neg), against ``negative_prompt`` (empty prompt if none); ``image`` +
+        ``strength`` is img2img. ``noise`` has the shape :meth:`latent_shape` gives.
         Returns a list of PIL images, or a tensor for ``output_type`` "latent" (normalised latents),
         "pt" (B, 3, H, W in [0, 1]) or "np" (B, H, W, 3 uint8 array).
         """
@@ -149,14 +165,13 @@ class Pipeline:
         if solver not in sampling.SOLVERS:
             raise UserError(f"unknown solver {solver!r}; choose from {', '.join(sampling.SOLVERS)}")
         options.steps(steps)
-        options.guidance(guidance)
+        guidance = self.resolve_guidance(guidance)
         options.number(cfg, "cfg", low=1)
         options.number(strength, "strength", low=0, high=1)
         options.seed(seed)
         width, height = width or self.default_size[0], height or self.default_size[1]
         self.check_request(B, width, height, cfg=cfg)
-        f = self.vae.downscale_factor
-        shape = (B, self.latent_channels, height // f, width // f)
+        shape = self.latent_shape(height, width, B)
         dev = self.device
 
         if noise is None:
@@ -166,17 +181,17 @@ class Pipeline:
         noise = noise.to(dev, torch.float32)
 
         max_sequence_length = max_sequence_length or self.max_sequence_length
-        txt, vec = self.encode_prompt(prompts, max_sequence_length)
+        cond = self.encode(prompts, max_sequence_length, guidance)
         neg = None
         if cfg > 1.0:
             negs = [negative_prompt or ""] * B if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negs) != B:
                 raise UserError(f"{len(negs)} negative prompts for {B} prompts: give one, or one per prompt")
-            neg = self.encode_prompt(negs, max_sequence_length)
+            neg = self.encode(negs, max_sequence_length, guidance)
         elif negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != B:
             raise UserError(f"{len(negative_prompt)} negative prompts for {B} prompts: give one, or one per prompt")
 
-        sigmas = self.schedule.sigmas(steps, image_seq_len=(shape[2] // 2) * (shape[3] // 2))
+        sigmas = self.schedule.sigmas(steps, image_seq_len=self.family_module.image_seq_len(shape))
         x = noise
         if image is not None:
             # as diffusers' img2img: skip the first steps·(1 − strength) steps; strength 0 keeps the image
@@ -190,7 +205,7 @@ class Pipeline:
         if len(sigmas) < 2:  # strength 0: nothing to denoise
             latent = x.clone()
         else:
-            velocity = self.velocity_fn(txt, vec, guidance, neg, cfg)
+            velocity = guided(self.denoiser, cond, neg, Guidance(cfg))
             latent = sampling.sample(velocity, x, sigmas.to(dev), solver, callback=callback)
         if output_type == "latent":
             return latent
@@ -389,7 +404,7 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype
             "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
             "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
             "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length,
-            "prediction": pipe.prediction, **({"grammar": pipe.grammar} if pipe.grammar else {}), **(extra or {}),
+            "family": pipe.family, "prediction": pipe.denoiser_options.get("prediction", "velocity"), **({"grammar": pipe.grammar} if pipe.grammar else {}), **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(path)
@@ -414,6 +429,9 @@ def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype)
     except (TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path / MANIFEST}: corrupt pipeline manifest ({e})") from None
     prediction = _prediction(m.get("prediction", "velocity"))
+    family = str(m.get("family", "flux1"))
+    if family != "flux1":
+        raise UserError(f"{path / MANIFEST}: rflow pipeline folders hold FLUX.1-shaped models, not {family!r}")
     grammar = m.get("grammar", "shapes" if str(m.get("name", "")).startswith("rflow-tiny") else None)
     with FluxCheckpoint(path / "transformer.safetensors") as ck:
         config = ck.config
@@ -424,7 +442,8 @@ def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype)
         fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
     return Pipeline(model, codec, te, schedule, default_size=(w, h), name=str(m.get("name", "rflow")),
                     max_sequence_length=max_len, fingerprint=fingerprint, model_hash=model_hash,
-                    prediction=prediction, grammar=grammar)
+                    grammar=grammar, family=family,
+                    denoiser_options={} if prediction == "velocity" else {"prediction": prediction})
 
 
 def _prediction(kind: str) -> str:

@@ -87,7 +87,7 @@ def build(seed: int = 0, **config_kw):
     codec = PixelUnshuffleCodec(factor=config_kw.get("codec_factor", 4))
     return Pipeline(model.eval().requires_grad_(False), codec, build_text_encoders(seed), Schedule("flux"),
                     default_size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), name="rflow-tiny",
-                    max_sequence_length=MAX_SEQUENCE_LENGTH, prediction="data", grammar="shapes")
+                    max_sequence_length=MAX_SEQUENCE_LENGTH, grammar="shapes", denoiser_options={"prediction": "data"})
 
 
 def init_weights_(model: Flux) -> None:

@@ -63,7 +63,7 @@ def analyze_command(
     steps: Optional[str] = typer.Option(None, "--steps", help="step counts: 20, a range 15-30 or a list 10,20,28 (default 20)"),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="WxH,... drawn per prompt (default: the model's native size)"),
     seed: int = typer.Option(0, "--seed", help="prompt, size, step-count and noise seed"),
-    guidance: float = typer.Option(3.5, "--guidance", help="distilled guidance (models with a guidance embedder)"),
+    guidance: float | None = typer.Option(None, "--guidance", help="distilled guidance, default 3.5 (only models with a guidance embedder)"),
     cfg: float = typer.Option(1.0, "--cfg", help="true CFG scale; > 1 also runs (and counts) the negative pass"),
     layers: Optional[str] = typer.Option(None, "--layers", help="layer ranges, e.g. 0-18,30-37 (default: all)"),
     streams: Optional[str] = typer.Option(None, "--streams", help="img,txt,single (default: all)"),

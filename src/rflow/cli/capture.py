@@ -32,7 +32,7 @@ def register(app) -> None:
         every: int = typer.Option(1, "--every", help="keep every K-th sampling step"),
         layers: Optional[str] = typer.Option(None, "--layers", help="layers to capture, e.g. 0-18,30-37 (default all)"),
         in_out_only: bool = typer.Option(False, "--in-out-only", help="only model-level inputs and outputs"),
-        guidance: float = typer.Option(3.5, "--guidance"),
+        guidance: float | None = typer.Option(None, "--guidance", help="distilled guidance, default 3.5 (only models with a guidance embedder)"),
         cfg: float = typer.Option(1.0, "--cfg", help="true CFG scale; > 1 captures the unconditional calls too"),
         solver: str = typer.Option("euler", "--solver"),
         store_dtype: Optional[str] = typer.Option(None, "--store-dtype", help="fp32 | bf16 | fp16 (default: the model's)"),

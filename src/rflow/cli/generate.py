@@ -67,7 +67,7 @@ def generate(
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (used when --cfg > 1)"),
     size: Optional[str] = typer.Option(None, "--size", help="WxH in pixels (default: the model's native size)"),
     steps: int = typer.Option(28, "--steps", help="sampling steps (1-10000)"),
-    guidance: float = typer.Option(3.5, "--guidance", help="distilled guidance (models with a guidance embedder)"),
+    guidance: float | None = typer.Option(None, "--guidance", help="distilled guidance, default 3.5 (only models with a guidance embedder)"),
     cfg: float = typer.Option(1.0, "--cfg", help="true CFG scale; > 1 runs the negative prompt too"),
     seed: int = typer.Option(0, "--seed", help="noise seed, 0 … 2^64 − 1"),
     solver: str = typer.Option("euler", "--solver", help="euler | dpm++2m | unipc"),
@@ -114,6 +114,7 @@ def generate(
     else:
         pipe = load(model_path, **kw)
     width, height = width or pipe.default_size[0], height or pipe.default_size[1]
+    guidance = pipe.resolve_guidance(guidance)
     pipe.check_request(batch, width, height, cfg=cfg)
     pipe.check_prompts([prompt] + ([negative] if negative and cfg > 1 else []))
     t0 = time.perf_counter()
@@ -132,7 +133,8 @@ def generate(
     with replacing_all(paths) as tmps:
         for i, (img, tmp) in enumerate(zip(images, tmps)):
             params = (f"{prompt}\n" + (f"Negative prompt: {negative}\n" if negative else "")
-                      + f"Steps: {steps}, Sampler: {solver}, Guidance: {guidance}, CFG scale: {cfg}, Seed: {seed}, "
+                      + f"Steps: {steps}, Sampler: {solver}, " + (f"Guidance: {guidance}, " if guidance is not None else "")
+                      + f"CFG scale: {cfg}, Seed: {seed}, "
                       f"Size: {width}x{height}, Model: {pipe.name}, Model hash: {pipe.model_hash}, "
                       + (f"Patches hash: {pipe.patches_hash}, " if pipe.patches_hash else "")
                       + (f"Batch size: {batch}, Batch pos: {i}, " if batch > 1 else "")
@@ -152,7 +154,7 @@ def eval_(
     steps: int = typer.Option(20, "--steps"),
     solver: str = typer.Option("euler", "--solver"),
     seed: int = typer.Option(0, "--seed"),
-    guidance: float = typer.Option(3.5, "--guidance"),
+    guidance: float | None = typer.Option(None, "--guidance", help="distilled guidance, default 3.5 (only models with a guidance embedder)"),
     cfg: float = typer.Option(1.0, "--cfg"),
     grid: Path = typer.Option(Path("eval-grid.png"), "-o", "--grid", help="sample grid PNG"),
     force: bool = force_option(),

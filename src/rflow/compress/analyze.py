@@ -194,7 +194,7 @@ def _meta(pipe, workload: Workload, runs: list[Run], guidance: float, cfg: float
             "history": [history]}
 
 
-def analyze(pipe, workload: Workload, *, units: list[str] | None = None, guidance: float = 3.5, cfg: float = 1.0,
+def analyze(pipe, workload: Workload, *, units: list[str] | None = None, guidance: float | None = None, cfg: float = 1.0,
             progress: Progress | None = None, stats: ActivationStats | None = None) -> ActivationStats:
     """Sample every run of ``workload`` (this process's share: ``workload.my_runs()``) and count, per
     hidden unit of ``units`` (default: all unit groups, or those of ``stats``), the positions where
@@ -213,7 +213,7 @@ def analyze(pipe, workload: Workload, *, units: list[str] | None = None, guidanc
     return accumulate(stats, result) if stats is not None else result
 
 
-def analyze_distributed(pipe, workload: Workload, *, units: list[str] | None = None, guidance: float = 3.5,
+def analyze_distributed(pipe, workload: Workload, *, units: list[str] | None = None, guidance: float | None = None,
                         cfg: float = 1.0, progress: Progress | None = None, stats: ActivationStats | None = None,
                         group=None) -> ActivationStats:
     """:func:`analyze` across the processes of an initialised ``torch.distributed`` group (falls back to

@@ -348,7 +348,7 @@ class _Recorder:
 
 
 def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: int = 1, in_out_only: bool = False,
-            budget_bytes: int, guidance: float = 3.5, cfg: float = 1.0, solver: str = "euler",
+            budget_bytes: int, guidance: float | None = None, cfg: float = 1.0, solver: str = "euler",
             store_dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES, force: bool = False,
             progress: Callable[[dict], None] | None = None) -> dict:
     """Run ``workload`` through ``pipe`` and save captured tensors to ``out_dir`` (see the module doc).

@@ -162,8 +162,9 @@ def measure_against_capture(model: Path, reference: Path, capture: Path, *, batc
     dt = parse_dtype(dtype) if dtype else default_dtype(dev)
     net, info = load_flux(transformer_path(model), device=dev, dtype=dt)
     m, r = _manifest(Path(model)), _manifest(Path(reference))
+    pred = _prediction(m)
     pipe = Pipeline(net, None, None, name=m.get("name", info.family), fingerprint=model_fingerprint(model),
-                    prediction=_prediction(m))
+                    denoiser_options={} if pred == "velocity" else {"prediction": pred})
     res = measure_capture(pipe, reader, reference_fingerprint=ref_fp, batch=batch,
                           reference_prediction=_prediction(r))
     return {"model": pipe.name, "model_fingerprint": pipe.fingerprint,

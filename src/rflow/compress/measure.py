@@ -33,6 +33,8 @@ from torch import Tensor
 
 from .. import sampling
 from ..errors import NonFiniteError, UserError
+from ..families.base import Guidance, guided
+from ..families.flux1 import Cond, Denoiser
 from ..models.flux import Flux
 from .stats import ActivationStats
 from .units import select_units
@@ -98,7 +100,8 @@ class VelocityErrors:
         dev = self.pipe.device
         if traj is not self._traj:
             self._traj = traj
-            self._velocity = self.pipe.velocity_fn(traj.txt.to(dev), traj.vec.to(dev), traj.guidance)
+            self._velocity = guided(self.pipe.denoiser, Cond(traj.txt.to(dev), traj.vec.to(dev), traj.guidance), None,
+                                    Guidance())
         v = self._velocity(x.to(dev), t.to(dev)).double()
         if not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"{self.pipe.name}: the model produced NaN/inf at t = {float(t):.4g}")
@@ -116,7 +119,7 @@ class VelocityErrors:
 
 
 @torch.no_grad()
-def reference_trajectories(reference, workload: Workload, *, guidance: float = 3.5, solver: str = "euler",
+def reference_trajectories(reference, workload: Workload, *, guidance: float | None = None, solver: str = "euler",
                            batch: int = 8, keep_points: bool = True,
                            on_point: Callable[[Trajectory, Tensor, Tensor, Tensor], None] | None = None,
                            progress: Callable[[int], None] | None = None) -> list[Trajectory]:
@@ -134,10 +137,11 @@ def reference_trajectories(reference, workload: Workload, *, guidance: float = 3
     for runs in _batches(workload, batch):
         r0 = runs[0]
         noise = torch.cat([_noise(reference, r) for r in runs]).to(dev)
-        txt, vec = reference.encode_prompt([r.prompt for r in runs], reference.max_sequence_length)
+        cond = reference.encode([r.prompt for r in runs], guidance=guidance)
+        txt, vec = cond.txt, cond.vec
         traj = Trajectory(runs, r0.width, r0.height, r0.steps, txt, vec, noise, guidance)
         sigmas = reference.schedule.sigmas(r0.steps, image_seq_len=(noise.shape[2] // 2) * (noise.shape[3] // 2))
-        velocity = reference.velocity_fn(txt, vec, guidance)
+        velocity = guided(reference.denoiser, cond, None, Guidance())
 
         def recording(x: Tensor, t: Tensor, velocity=velocity, traj=traj) -> Tensor:
             v = velocity(x, t)
@@ -186,7 +190,7 @@ def _adherence_wanted(model_pipe, workload: Workload, adherence: bool | None) ->
 
 
 @torch.no_grad()
-def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float = 3.5, solver: str = "euler",
+def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float | None = None, solver: str = "euler",
             batch: int = 8, final: bool = True, adherence: bool | None = None,
             trajectories: list[Trajectory] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Full-stack distance of ``model_pipe`` from ``reference_pipe`` on ``workload`` (module docstring).
@@ -250,14 +254,11 @@ def measure_capture(model_pipe, reader, *, reference_fingerprint: str | None = N
 
     Every record's stored model inputs — points of the reference's own sampling trajectories — are
     run through ``model_pipe.transformer`` and compared with the stored reference output. Both outputs
-    are turned into velocities first (``Pipeline.to_velocity``: the stored output is the raw
-    transformer output, x0 for data-predicting models such as rflow-tiny); ``reference_prediction``
-    ("velocity" | "data") defaults to the model's. Only ``transformer``, ``prediction`` and
-    ``to_velocity`` of ``model_pipe`` are used, so a :class:`~rflow.pipeline.Pipeline` without VAE
+    are turned into velocities first by the denoiser (the stored output is the raw transformer output,
+    x0 for data-predicting models such as rflow-tiny); ``reference_prediction`` ("velocity" | "data")
+    defaults to the model's. Only ``transformer`` and ``denoiser`` of ``model_pipe`` are used, so a :class:`~rflow.pipeline.Pipeline` without VAE
     or text encoders will do. ``reader`` is a :class:`~rflow.compress.capture.CaptureReader`;
     ``reference_fingerprint``, when given, must be the fingerprint the capture was made with."""
-    from dataclasses import replace
-
     model: Flux = model_pipe.transformer
     if reference_fingerprint is not None and reader.fingerprint != reference_fingerprint:
         raise UserError(f"{reader.path}: captured from model {reader.fingerprint or '?'}, "
@@ -270,7 +271,8 @@ def measure_capture(model_pipe, reader, *, reference_fingerprint: str | None = N
         raise UserError(f"{reader.path}: the capture holds no records")
     if batch < 1:
         raise UserError(f"batch must be ≥ 1, got {batch}")
-    ref_pipe = replace(model_pipe, prediction=reference_prediction or model_pipe.prediction)
+    den = model_pipe.denoiser
+    ref_den = Denoiser(model, reference_prediction or den.prediction)
     dev = model.device
     groups: dict[tuple, list] = {}
     for r in reader:
@@ -283,9 +285,9 @@ def measure_capture(model_pipe, reader, *, reference_fingerprint: str | None = N
             ins = [reader.model_inputs(r) for r in chunk]
             kw = {k: (torch.cat([d[k] for d in ins]).to(dev) if ins[0][k] is not None else None) for k in ins[0]}
             img, t = kw["img"].to(model.dtype), kw["timesteps"]
-            v = model_pipe.to_velocity(model(**kw), img, t).double()
+            v = den.output_to_velocity(model(**kw), img, t).double()
             out_ref = torch.cat([reader.model_output(r) for r in chunk]).to(dev, model.dtype)
-            v_ref = ref_pipe.to_velocity(out_ref, img, t).double()
+            v_ref = ref_den.output_to_velocity(out_ref, img, t).double()
             d = (v - v_ref).pow(2)
             errs += d.flatten(1).mean(1).tolist()
             sq_err += float(d.sum())
@@ -326,7 +328,7 @@ def zeroed(model: Flux, kept: dict[str, Tensor]):
 
 @torch.no_grad()
 def sensitivity(pipe, stats: ActivationStats, workload: Workload, *, level: float, criterion: str = "frequency",
-                streams: str | None = None, guidance: float = 3.5, solver: str = "euler", batch: int = 8,
+                streams: str | None = None, guidance: float | None = None, solver: str = "euler", batch: int = 8,
                 progress=None) -> dict:
     """Per layer: zero that layer's ``level`` share of least important units (each of its unit
     groups), measure the velocity MSE against the untouched model. Returns a JSON-ready dict whose

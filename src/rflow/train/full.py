@@ -30,12 +30,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import shapes
 from ..checkpoints.io import open_weights, save_safetensors
 from ..errors import NonFiniteError, UserError
-from ..models.flux import image_ids, pack, text_ids
+from ..families.flux1 import Cond
 from ..pipeline import Pipeline, save_pipeline
 
 STATE_FILE = "train_state.safetensors"
@@ -126,15 +125,13 @@ class Trainer:
         guidance = (lo + (hi - lo) * torch.rand(B, generator=g)).to(dev)
         tb = t.view(B, 1, 1, 1)
         xt = (1 - tb) * x0 + tb * noise
-        h, w = x0.shape[-2:]
+        denoiser = pipe.denoiser
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = self.model(pack(xt), image_ids(h, w, dev), txt.to(dev), text_ids(txt.shape[1], dev), t, vec.to(dev), guidance)
-        if pipe.prediction == "velocity":
-            return F.mse_loss(out.float(), pack(noise - x0))
+            v = denoiser(xt, t, Cond(txt.to(dev), vec.to(dev), guidance))
         # the velocity error of a data-predicting model is its x0 error over t, which makes nearly clean
-        # samples dominate the loss; the floor bounds that weight (see the module docstring)
-        err = (out.float() - pack(x0)).pow(2).mean(dim=(1, 2))
-        return (err / t.clamp_min(cfg.x0_weight_floor).pow(2)).mean()
+        # samples dominate the loss; the family's weight bounds that (see the module docstring)
+        err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
+        return (err * denoiser.loss_weight(t, cfg.x0_weight_floor)).mean()
 
     def train_step(self) -> float:
         cfg = self.cfg
