@@ -7,7 +7,8 @@ Conventions, used everywhere in rflow:
 * ``sigma`` is the same number as ``t`` (there is no separate noise scale);
 * a schedule is a 1-D float64 tensor ``sigmas`` of ``steps + 1`` decreasing values ending in 0.
 
-The schedules match diffusers' ``FlowMatchEulerDiscreteScheduler`` as configured for FLUX.1, and the
+The schedules match diffusers' ``FlowMatchEulerDiscreteScheduler`` as configured for FLUX.1 (and, for
+"flux2", as Flux2KleinPipeline drives it; Z-Image's static shift 3.0 is "static"), and the
 solvers match diffusers' flow-matching Euler, DPM-Solver++(2M) and UniPC(bh2) schedulers given the same
 sigmas. Every solver calls the model exactly ``len(sigmas) - 1`` times.
 """
@@ -24,7 +25,7 @@ import torch
 from rflow.errors import NonFiniteError, UserError
 
 SOLVERS = ("euler", "dpm++2m", "unipc")
-SCHEDULES = ("flux", "static", "none")
+SCHEDULES = ("flux", "static", "none", "flux2")
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,6 +41,23 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     """
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def flux2_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's empirical shift: ``mu`` depends on the number of image tokens and on the number of steps.
+
+    Two lines in ``image_seq_len`` were fitted, one for 10 steps and one for 200; ``mu`` is linear in
+    ``steps`` between (and beyond) them. Above 4300 tokens only the 200-step line is used, whatever ``steps``.
+    Equals diffusers' / BFL's ``compute_empirical_mu(image_seq_len, num_steps)``.
+    """
+    a1, b1 = 8.73809524e-05, 1.89833333  # mu at 10 steps
+    a2, b2 = 0.00016927, 0.45666666  # mu at 200 steps
+    mu_200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(mu_200)
+    mu_10 = a1 * image_seq_len + b1
+    slope = (mu_200 - mu_10) / 190.0
+    return float(slope * steps + (mu_200 - 200.0 * slope))
 
 
 def _shift(factor: float, t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +93,9 @@ def get_sigmas(steps: int, *, schedule: str = "flux", image_seq_len: int | None 
       (the number of packed 2x2 latent tokens, ``(H/16) * (W/16)`` for an H x W image);
     * ``"static"``: ``shift * s / (1 + (shift - 1) * s)`` (diffusers' fixed ``shift``); needs ``shift``,
       there is no default (SD3 uses 3.0);
-    * ``"none"``: the base grid unchanged (FLUX.1-schnell).
+    * ``"none"``: the base grid unchanged (FLUX.1-schnell);
+    * ``"flux2"``: :func:`time_shift` with ``mu = flux2_mu(image_seq_len, steps)`` (FLUX.2, klein included);
+      needs ``image_seq_len`` (``(H/16) * (W/16)`` packed latent tokens).
 
     Arguments that the chosen schedule does not use are ignored. A shift so strong that the shifted
     sigmas are no longer strictly decreasing in float64 (they collapse to 1, or to 0) raises
@@ -83,17 +103,22 @@ def get_sigmas(steps: int, *, schedule: str = "flux", image_seq_len: int | None 
     """
     steps = _positive_int(steps, "steps")
     base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    if schedule == "flux":
+    if schedule in ("flux", "flux2"):
         if image_seq_len is None:
-            raise UserError("schedule 'flux' needs image_seq_len (the number of image tokens)")
+            raise UserError(f"schedule {schedule!r} needs image_seq_len (the number of image tokens)")
         image_seq_len = _positive_int(image_seq_len, "image_seq_len")
-        mu = flux_mu(image_seq_len)
+        mu = flux_mu(image_seq_len) if schedule == "flux" else flux2_mu(image_seq_len, steps)
         try:
             sigmas = time_shift(mu, base)
         except OverflowError:  # e^mu beyond float64: every sigma would be 1
             sigmas = torch.ones_like(base)
-        cause = f"image_seq_len {image_seq_len} is too large for the 'flux' schedule"
-        detail, fix = f" (mu = {mu:.1f})", "use a smaller size or another schedule"
+        if schedule == "flux" or mu > 0:
+            cause = f"image_seq_len {image_seq_len} is too large for the {schedule!r} schedule"
+            fix = "use a smaller size or another schedule"
+        else:  # flux2's mu falls with the step count (below 4300 tokens) and is negative far beyond 200 steps
+            cause = f"{steps} steps are too many for the 'flux2' schedule at image_seq_len {image_seq_len}"
+            fix = "use fewer steps or another schedule"
+        detail = f" (mu = {mu:.1f})"
     elif schedule == "static":
         if not isinstance(shift, numbers.Real) or isinstance(shift, bool) or not 0 < shift < math.inf:
             raise UserError(f"schedule 'static' needs shift, a positive number (got {shift!r})")
