@@ -472,6 +472,7 @@ def test_existing_output_needs_force_then_is_replaced(capsys, tmp_path, verb, ti
 @pytest.mark.parametrize("verb", sorted(OUTPUT_VERBS))
 def test_output_of_the_wrong_kind_is_refused_before_work(capsys, tmp_path, verb, tiny, stats, stats2, pruned,
                                                          capture_dir, patches, monkeypatch):
+    import rflow.loading
     import rflow.pipeline
 
     kw = dict(tiny=tiny, stats=stats, stats2=stats2, pruned=pruned, cap=capture_dir, patches=patches)
@@ -488,7 +489,7 @@ def test_output_of_the_wrong_kind_is_refused_before_work(capsys, tmp_path, verb,
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.setattr(rflow.pipeline, "load", no_loading)
-    monkeypatch.setattr(rflow.pipeline, "load_flux", no_loading)
+    monkeypatch.setattr(rflow.loading, "load_transformer", no_loading)
     before = snapshot(tmp_path)
     rc, _, err = cli(capsys, *_outputs_argv(verb, target, **kw), "--force")
     assert_error(rc, err)

@@ -31,9 +31,9 @@ from .plan import plan_shapes
 def families() -> tuple[ModuleType, ...]:
     """The families, most specific first: FLUX.2 and Z-Image share key names with FLUX.1
     (``img_in``, diffusers' ``x_embedder``), so FLUX.1 is asked last."""
-    from ..families import flux1
+    from ..families import flux1, flux2, zimage
 
-    return (flux1,)
+    return (flux2, zimage, flux1)
 
 
 def family_module(name: str) -> ModuleType:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -74,6 +74,11 @@ def generate(
     batch: int = typer.Option(1, "--batch", help="images per prompt"),
     image: Optional[Path] = typer.Option(None, "--image", help="start from this image (img2img)"),
     strength: float = typer.Option(1.0, "--strength", help="img2img: 1 ignores the image, 0 keeps it"),
+    ref: Optional[List[Path]] = typer.Option(None, "--ref", help="reference image (FLUX.2-klein); repeat for several"),
+    cfg_truncation: Optional[float] = typer.Option(None, "--cfg-truncation",
+                                                   help="turn CFG off once 1 − sigma exceeds this (0-1; Z-Image)"),
+    cfg_renorm: Optional[float] = typer.Option(None, "--cfg-renorm",
+                                               help="cap the guided velocity's norm at this × the conditional one (Z-Image)"),
     output: Path = typer.Option(Path("out.png"), "-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png …"),
     force: bool = force_option(),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | mps (default: cuda if present)"),
@@ -97,6 +102,11 @@ def generate(
     options.number(cfg, "--cfg", low=1)
     options.integer(batch, "--batch", low=1, high=4096)
     options.number(strength, "--strength", low=0, high=1)
+    if cfg_truncation is not None:
+        options.number(cfg_truncation, "--cfg-truncation", low=0, high=1)
+    if cfg_renorm is not None:
+        options.number(cfg_renorm, "--cfg-renorm", low=0)
+    refs = [read_image(r) for r in ref or []]
     paths = [check_output(p, suffixes=(".png",), force=force) for p in output_paths(output, batch)]
     init = read_image(image) if image is not None else None
     if negative is not None and cfg <= 1:
@@ -121,6 +131,7 @@ def generate(
     with progress("sampling", steps) as update:
         images = pipe.generate([prompt] * batch, negative_prompt=negative, width=width, height=height, steps=steps,
                                guidance=guidance, cfg=cfg, seed=seed, solver=solver, image=init, strength=strength,
+                               images=refs or None, cfg_truncation=cfg_truncation, cfg_renorm=cfg_renorm,
                                callback=lambda i, n, _x: update(i + 1, total=n))
     elapsed = time.perf_counter() - t0
     settings = {
@@ -266,18 +277,17 @@ def train(
 def info(path: Path = typer.Argument(..., help="a checkpoint file or folder, or rflow-tiny"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Tell what a checkpoint is: family, format, parameter count, dtypes, depth, per-block MLP widths."""
-    from ..checkpoints.flux import FluxCheckpoint
+    from ..checkpoints.loader import Checkpoint
     from ..paths import transformer_path
 
-    with FluxCheckpoint(transformer_path(path)) as ck:
+    with Checkpoint(transformer_path(path)) as ck:
         s = ck.info().summary()
     if as_json:
         print(json.dumps(s))
         return
-    rows = [(k, f"{s[k]:,}" if k == "parameters" else str(s[k])) for k in (
-        "path", "family", "format", "parameters", "dtypes", "double_blocks", "single_blocks", "hidden_size", "heads",
-        "guidance_embed")]
-    rows += [("double_mlp (img, txt)", _widths(s["double_mlp"])), ("single_mlp", _widths(s["single_mlp"]))]
+    labels = {"double_mlp": "double_mlp (img, txt)"}
+    rows = [(labels.get(k, k), _widths(v) if isinstance(v, list) else f"{v:,}" if k == "parameters" else str(v))
+            for k, v in s.items()]
     if not out.is_terminal:  # piped: plain lines, nothing cut
         for k, v in rows:
             print(f"{k}: {v}")

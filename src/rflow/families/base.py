@@ -91,7 +91,7 @@ class Guidance:
     def active(self, sigma: float) -> bool:
         if self.cfg <= 1.0:
             return False
-        return self.truncation is None or (1.0 - sigma) < self.truncation
+        return self.truncation is None or (1.0 - sigma) <= self.truncation
 
 
 def guided(denoiser: Denoiser, cond, neg, guidance: Guidance) -> Callable[[Tensor, Tensor], Tensor]:

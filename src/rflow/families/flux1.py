@@ -8,6 +8,7 @@ its denoiser turns that into v, so solvers, training and measurement see one con
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +17,11 @@ from ..checkpoints.plan import Plan, identity_plan
 from ..errors import UserError
 from ..models.flux import Flux, FluxConfig, image_ids, pack, text_ids, unpack
 from .base import LatentSpec, LayerRef, Slice, data_to_velocity, sigma_vector
-from .flux1_keys import (CONFIG_METADATA_KEY, PREFIXES, default_axes_dim, detect_format, diffusers_plan,  # noqa: F401
+from .flux1_keys import (CONFIG_METADATA_KEY, PREFIXES, default_axes_dim, detect_format, diffusers_plan,
                          expected_shapes, family_of, infer_config)
+
+__all__ = ["CONFIG_METADATA_KEY", "PREFIXES", "Cond", "Denoiser", "default_axes_dim", "detect_format", "diffusers_plan",
+           "expected_shapes", "family_of", "infer_config"]
 
 NAME = "flux1"
 TITLE = "FLUX.1"
@@ -36,6 +40,54 @@ def detect(keys: list[str]) -> tuple[str, str] | None:
 
 def plan(keys: list[str], layout: str, prefix: str = "") -> Plan:
     return diffusers_plan(keys) if layout == "diffusers" else identity_plan(keys, prefix)
+
+
+DEFAULT_SIZE = (1024, 1024)  # (width, height)
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens
+CODEC_HELP = "ae.safetensors or a diffusers vae/ folder"
+TEXT_HELP = "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/"
+
+
+def default_schedule(config: FluxConfig, scheduler_config: dict | None) -> tuple[str, float | None]:
+    """(kind, shift) for rflow.sampling.get_sigmas: from a diffusers scheduler config when there is one
+    (dynamic shifting -> "flux"), else "flux" for guidance-distilled models (dev) and "none" (schnell)."""
+    if scheduler_config is not None:
+        if scheduler_config.get("use_dynamic_shifting"):
+            return "flux", None
+        shift = float(scheduler_config.get("shift", 1.0))
+        return ("none", None) if shift == 1.0 else ("static", shift)
+    return ("flux", None) if config.guidance_embed else ("none", None)
+
+
+def find_codec(root: Path) -> Path | None:
+    for cand in (root / "vae", root / "ae.safetensors"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def load_codec(path, *, device=None, dtype=None):
+    from ..checkpoints.vae import load_vae
+
+    return load_vae(path, device=device, dtype=dtype)
+
+
+def find_text(*dirs) -> Path | None:
+    from ..models.text import find_text_encoders
+
+    return find_text_encoders(*dirs)
+
+
+def load_text(path, *, device=None, dtype=None):
+    from ..models.text import load_text_encoders
+
+    return load_text_encoders(path, device=device, dtype=dtype)
+
+
+def check_parts_fit(config: FluxConfig, codec, text, *, where: str) -> None:
+    from ..checkpoints.fit import check_parts_fit as fit
+
+    fit(config, codec, text, where=where)
 
 
 def overrides(metadata: dict[str, str], diffusers_config: dict | None) -> dict:

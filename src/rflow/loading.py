@@ -1,0 +1,187 @@
+"""Loading and saving pipelines: ``rflow.load(path)`` for every family, rflow pipeline folders.
+
+``load`` finds the transformer inside the path (a diffusers pipeline folder, a ``transformer/`` folder
+or a single file), lets the checkpoint's keys say which family it is (:mod:`rflow.checkpoints.loader`),
+and asks that family (:mod:`rflow.families`) where its VAE and text encoders live next to it, how to
+load them, whether they fit the transformer, and which sigma schedule it was trained for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoints.io import read_json
+from .checkpoints.loader import Checkpoint, load_transformer
+from .errors import UserError, flag
+from .models.text import load_text_encoders
+from .paths import MANIFEST
+from .pipeline import Pipeline, Schedule, default_device, default_dtype, parse_dtype
+
+
+def _layout(path: Path) -> tuple[Path, Path]:
+    """(transformer path, the folder its companions live in)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    if path.is_dir() and (path / "model_index.json").exists():
+        if not (path / "transformer").is_dir():
+            raise UserError(f"{path}: diffusers folder without a transformer/ component")
+        return path / "transformer", path
+    return path, path.parent  # a single file or a transformer/ folder: companions sit beside it
+
+
+def load(
+    path: str | os.PathLike | None = None,
+    *,
+    text_encoders: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Pipeline:
+    """Load a pipeline of any family (FLUX.1, FLUX.2-klein, Z-Image, rflow-tiny).
+
+    ``path``: a diffusers pipeline folder (``model_index.json``), a diffusers ``transformer/`` folder,
+    a single transformer file (BFL, ComfyUI prefixes, Z-Image's original file), an rflow pipeline
+    folder, or ``None``/``"rflow-tiny"`` for the built-in model. The VAE and text encoders are found next
+    to it (``ae.safetensors`` or ``vae/``; ``text_encoder/`` and ``tokenizer/`` folders, FLUX.1 also
+    ``text_encoder_2/`` and ``tokenizer_2/``) unless ``vae`` / ``text_encoders`` point elsewhere.
+    ``device`` defaults to CUDA when available, ``dtype`` to bfloat16 on CUDA and float32 on CPU.
+    """
+    from .options import device as check_device
+    from .paths import resolve_model
+
+    dev = check_device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    dtype = dtype or default_dtype(dev)
+    p = resolve_model(path)
+    if (p / MANIFEST).exists():
+        return load_rflow_pipeline(p, device=dev, dtype=dtype)
+    transformer_path, root = _layout(p)
+    with Checkpoint(transformer_path) as ck:  # validates the transformer before looking for its companions
+        fam, config = ck.family, ck.config
+        fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    sched_cfg = read_json(sched_file) if sched_file.exists() else None
+    vae_path = Path(vae).expanduser() if vae is not None else fam.find_codec(root)
+    if vae_path is None:
+        raise UserError(f"no VAE found next to {p}: give one with {flag('vae', 'PATH')} "
+                        f"({fam.CODEC_HELP})")
+    te_path = fam.find_text(text_encoders, root)
+    if te_path is None:
+        raise UserError(f"no text encoders in {text_encoders or root}: give {flag('text_encoders', 'DIR')}, "
+                        f"a folder holding {fam.TEXT_HELP}")
+    codec = fam.load_codec(vae_path, device=dev, dtype=dtype)
+    text = fam.load_text(te_path, device=dev, dtype=dtype)
+    fam.check_parts_fit(config, codec, text, where=str(p))
+    model, info = load_transformer(transformer_path, device=dev, dtype=dtype)
+    kind, shift = fam.default_schedule(config, sched_cfg if isinstance(sched_cfg, dict) else None)
+    return Pipeline(model, codec, text, Schedule(kind, shift), default_size=tuple(fam.DEFAULT_SIZE), name=info.family,
+                    max_sequence_length=fam.MAX_SEQUENCE_LENGTH, fingerprint=fingerprint, model_hash=model_hash,
+                    family=fam.NAME)
+
+
+PIPELINE_FORMAT_VERSION = 1
+
+
+def _portable_across_transformers(folder: Path) -> None:
+    """Make a folder written by ``save_pretrained`` load the same under transformers 4 and 5.
+
+    transformers 5 writes CLIPTextModel weights without their ``text_model.`` prefix and names a
+    tokenizer.json-only tokenizer's class ``TokenizersBackend``; transformers 4 reads neither (it would
+    leave CLIP randomly initialised). The Hub layout (prefixed keys, ``PreTrainedTokenizerFast``) loads
+    identically under both."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.exists():
+        c = json.loads(tok_cfg.read_text())
+        c["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_cfg.write_text(json.dumps(c, indent=2))
+    cfg = folder / "config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "clip_text_model":
+        w = folder / "model.safetensors"
+        sd = load_file(w)
+        if not all(k.startswith("text_model.") for k in sd):
+            save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, w,
+                      metadata={"format": "pt"})
+
+
+def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                  extra: dict | None = None) -> Path:
+    """Write ``pipe`` as an rflow pipeline folder (``rflow_pipeline.json`` + ``transformer.safetensors``
+    with BFL keys + text encoders in the diffusers layout), replacing ``path`` atomically."""
+    import json
+
+    from .families.flux1 import CONFIG_METADATA_KEY
+    from .checkpoints.io import save_safetensors
+    from .outputs import replacing
+
+    if not hasattr(pipe.vae, "to_config"):
+        raise UserError("only pipelines with a parameter-free codec can be saved as rflow pipeline folders")
+    cfg = pipe.transformer.config
+    sd = {k: v.detach().to("cpu", dtype) for k, v in pipe.transformer.state_dict().items()}
+    with replacing(path, "dir") as tmp:
+        save_safetensors(sd, tmp / "transformer.safetensors",
+                         {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(cfg.axes_dim), "theta": cfg.theta})})
+        te = pipe.text_encoders
+        for sub, obj in (("text_encoder", te.clip), ("tokenizer", te.clip_tokenizer), ("text_encoder_2", te.t5),
+                         ("tokenizer_2", te.t5_tokenizer)):
+            obj.save_pretrained(tmp / sub)
+            _portable_across_transformers(tmp / sub)
+        manifest = {
+            "format": "rflow-pipeline", "version": PIPELINE_FORMAT_VERSION, "name": pipe.name,
+            "codec": pipe.vae.to_config(), "schedule": {"kind": pipe.schedule.kind, "shift": pipe.schedule.shift},
+            "default_size": list(pipe.default_size), "max_sequence_length": pipe.max_sequence_length,
+            "family": pipe.family, "prediction": pipe.denoiser_options.get("prediction", "velocity"), **({"grammar": pipe.grammar} if pipe.grammar else {}), **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return Path(path)
+
+
+def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    from .models.codec import PixelUnshuffleCodec
+
+    m = read_json(path / MANIFEST)
+    if not isinstance(m, dict) or m.get("format") != "rflow-pipeline" or not isinstance(m.get("version"), int):
+        raise UserError(f"{path / MANIFEST}: not an rflow pipeline manifest")
+    if m["version"] > PIPELINE_FORMAT_VERSION:
+        raise UserError(f"{path}: pipeline format version {m['version']} is newer than this rflow reads ({PIPELINE_FORMAT_VERSION})")
+    from .checkpoints.fit import check_parts_fit
+
+    try:
+        codec = PixelUnshuffleCodec.from_config(m.get("codec", {})).to(device)
+        sched = m.get("schedule", {})
+        schedule = Schedule(str(sched.get("kind", "flux")), sched.get("shift"))
+        w, h = (int(v) for v in m.get("default_size", (1024, 1024)))
+        max_len = int(m.get("max_sequence_length", 512))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path / MANIFEST}: corrupt pipeline manifest ({e})") from None
+    prediction = _prediction(m.get("prediction", "velocity"))
+    family = str(m.get("family", "flux1"))
+    if family != "flux1":
+        raise UserError(f"{path / MANIFEST}: rflow pipeline folders hold FLUX.1-shaped models, not {family!r}")
+    grammar = m.get("grammar", "shapes" if str(m.get("name", "")).startswith("rflow-tiny") else None)
+    with Checkpoint(path / "transformer.safetensors", family="flux1") as ck:
+        config = ck.config
+    te = load_text_encoders(path, device=device, dtype=dtype)
+    check_parts_fit(config, codec, te, where=str(path))
+    model, info = load_transformer(path / "transformer.safetensors", device=device, dtype=dtype, family="flux1")
+    with Checkpoint(path / "transformer.safetensors", family="flux1") as ck:
+        fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
+    return Pipeline(model, codec, te, schedule, default_size=(w, h), name=str(m.get("name", "rflow")),
+                    max_sequence_length=max_len, fingerprint=fingerprint, model_hash=model_hash,
+                    grammar=grammar, family=family,
+                    denoiser_options={} if prediction == "velocity" else {"prediction": prediction})
+
+
+def _prediction(kind: str) -> str:
+    if kind not in ("velocity", "data"):
+        raise UserError(f"unknown model prediction type {kind!r} (velocity or data)")
+    return kind
+
+
