@@ -78,7 +78,7 @@ def analyze_command(
     """Count how often each MLP unit fires (activation > 0) while the model samples a workload."""
     from .. import options
     from ..compress.stats import ActivationStats
-    from ..compress.units import parse_streams, select_units
+    from ..compress.units import check_streams_spec, select_units
     from ..compress.workload import make_workload, parse_sizes, parse_steps
     from ..outputs import check_output
     from ..paths import resolve_model
@@ -98,7 +98,7 @@ def analyze_command(
         parse_steps(steps)
     if sizes is not None:
         parse_sizes(sizes)
-    parse_streams(streams)
+    check_streams_spec(streams)
     options.layer_spec(layers)
     if append and force:
         raise UserError("give --append (add to OUTPUT) or --force (replace it), not both")

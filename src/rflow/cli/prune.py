@@ -189,13 +189,13 @@ def sensitivity(
     from .. import options
     from ..compress.measure import sensitivity as run_sensitivity
     from ..compress.measure import sensitivity_png
-    from ..compress.units import parse_streams
+    from ..compress.units import check_streams_spec
     from ..outputs import check_output, replacing_all
     from ..pipeline import load, parse_dtype
 
     options.number(level, "--level", low=0, high=1, low_open=True, high_open=True)
     _check_criterion(criterion)
-    parse_streams(streams)
+    check_streams_spec(streams)
     _check_sampling_options(solver, batch, guidance, shapes_n, sizes, steps)
     outputs = [check_output(png, suffixes=(".png",), force=force, what="the plot")]
     if json_out is not None:

@@ -81,10 +81,10 @@ def prune_checkpoint(model_path: str | Path, stats_path: str | Path, out_path: s
     """``rflow prune`` as a function: returns the pruning record (also stored as ``rflow.pruning``)
     with ``output``, ``layout`` and ``note`` added. An existing output is replaced only with ``force``;
     a choice that removes no unit is refused (nothing is written)."""
-    from ..checkpoints.flux import FluxCheckpoint, load_flux
+    from ..checkpoints.loader import Checkpoint, load_transformer
     from .prune import choose_kept, kept_tensors, prune_model
     from .save import check_output, save_transformer_like, transformer_path
-    from .units import parse_layers, parse_streams, select_units, unit_widths
+    from .units import n_layers as count_layers, parse_layers, parse_streams, select_units, streams_of, unit_widths
 
     mode, value = _mode(fraction, count, threshold)
     _check_criterion(criterion)
@@ -92,11 +92,11 @@ def prune_checkpoint(model_path: str | Path, stats_path: str | Path, out_path: s
     check_output(model_path, out_path, force=force)
     stats, fp = load_stats_for(Path(stats_path), model_path)
     tpath = transformer_path(model_path)
-    with FluxCheckpoint(tpath) as ck:
+    with Checkpoint(tpath) as ck:
         config, previous = ck.config, ck.files.metadata.get("rflow.pruning")
     check_stats_widths(stats, config)
-    n_layers = config.depth + config.depth_single
-    layer_list, stream_list = parse_layers(layers, n_layers), parse_streams(streams)
+    layer_list = parse_layers(layers, count_layers(config))
+    stream_list = parse_streams(streams, streams_of(config)) or streams_of(config)
     units = select_units(config, layers, streams)
     if not units:
         raise UserError("--layers and --streams select no unit group")
@@ -104,7 +104,7 @@ def prune_checkpoint(model_path: str | Path, stats_path: str | Path, out_path: s
     if all(kept[u].numel() == stats.count[u].numel() for u in units):
         raise UserError(f"{flag(mode, str(value))} removes no unit of the selected groups; nothing was written")
 
-    model, _ = load_flux(tpath, device="cpu")
+    model, _ = load_transformer(tpath, device="cpu")
     widths = unit_widths(model.config)
     before = n_params(model)
     prune_model(model, kept)

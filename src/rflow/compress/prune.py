@@ -1,8 +1,11 @@
 """Structured pruning of MLP hidden units: choose units from statistics, slice the weights for real.
 
-Double blocks lose rows of ``{img,txt}_mlp.0`` (weight and bias) and columns of ``{img,txt}_mlp.2``;
-single blocks lose rows of ``linear1[3·hidden:]`` and columns of ``linear2[:, hidden:]``. The kept
-indices of every pruned unit group are returned and saved with the model (``rflow.kept.<unit>``).
+Which weight entries belong to a unit comes from the family's layer list (:class:`LayerRef.slices`):
+FLUX.1's double blocks lose rows of ``{img,txt}_mlp.0`` (weight and bias) and columns of
+``{img,txt}_mlp.2``, its single blocks rows of ``linear1[3·hidden:]`` and columns of
+``linear2[:, hidden:]``; SwiGLU MLPs (FLUX.2, Z-Image) lose rows of w1 and w3 and columns of w2.
+Parameters are sliced in place, so every module keeps its class. The kept indices of every pruned unit
+group are returned and saved with the model (``rflow.kept.<unit>``).
 """
 
 from __future__ import annotations
@@ -11,9 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.flux import Flux
 from .stats import ActivationStats
-from .units import unit_widths
+from .units import family_of, refs_by_name
 
 KEPT_PREFIX = "rflow.kept."
 
@@ -53,63 +55,61 @@ def choose_kept(stats: ActivationStats, units: list[str], *, criterion: str = "f
     return kept
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-    return lin
+def _checked(model: nn.Module, kept: dict[str, torch.Tensor]) -> dict:
+    refs = refs_by_name(model)
+    for u, idx in kept.items():
+        if u not in refs:
+            raise UserError(f"model has no unit {u!r}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= refs[u].units):
+            raise UserError(f"kept indices for {u} are outside its width {refs[u].units}")
+    return refs
 
 
 @torch.no_grad()
-def prune_model(model: Flux, kept: dict[str, torch.Tensor]) -> Flux:
-    """Slice ``model`` in place to keep only ``kept`` units; updates ``model.config`` widths."""
-    widths = unit_widths(model.config)
+def prune_model(model: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
+    """Slice ``model`` in place to keep only ``kept`` units; updates the config's per-block widths."""
+    refs = _checked(model, kept)
+    # Every entry of a parameter's axis is kept unless a unit block of a pruned group covers it; several
+    # groups' blocks may share a parameter (a fused gate|up projection), so masks are built per axis first.
+    masks: dict[tuple[str, int], torch.Tensor] = {}
     for u, idx in kept.items():
-        if u not in widths:
-            raise UserError(f"model has no unit {u!r}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= widths[u]):
-            raise UserError(f"kept indices for {u} are outside its width {widths[u]}")
-        idx = idx.to(model.device)
-        kind, i = u.split(".")[:2]
-        if kind == "double_blocks":
-            mlp = getattr(model.double_blocks[int(i)], f"{u.split('.')[2]}_mlp")
-            up, down = mlp[0], mlp[2]
-            mlp[0] = _linear(up.weight[idx], up.bias[idx])
-            mlp[2] = _linear(down.weight[:, idx], down.bias)
-        else:
-            b = model.single_blocks[int(i)]
-            h = b.hidden_size
-            rows = torch.cat([torch.arange(3 * h, device=idx.device), 3 * h + idx])
-            cols = torch.cat([torch.arange(h, device=idx.device), h + idx])
-            b.linear1 = _linear(b.linear1.weight[rows], b.linear1.bias[rows])
-            b.linear2 = _linear(b.linear2.weight[:, cols], b.linear2.bias)
-            b.mlp_width = int(idx.numel())
-    cfg = model.config
-    cfg.double_mlp = [(m.img_mlp[0].out_features, m.txt_mlp[0].out_features) for m in model.double_blocks]
-    cfg.single_mlp = [b.mlp_width for b in model.single_blocks]
+        ref = refs[u]
+        for sl in ref.slices:
+            p = model.get_parameter(sl.param)
+            mask = masks.setdefault((sl.param, sl.axis), torch.ones(p.shape[sl.axis], dtype=torch.bool))
+            block = torch.zeros(ref.units, dtype=torch.bool)
+            block[idx] = True
+            mask[sl.offset : sl.offset + ref.units] = block
+    for (name, axis), mask in masks.items():
+        mod_name, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        p = getattr(mod, leaf)
+        rows = torch.nonzero(mask).flatten().to(p.device)
+        setattr(mod, leaf, nn.Parameter(p.index_select(axis, rows).contiguous(), requires_grad=p.requires_grad))
+        if isinstance(mod, nn.Linear) and leaf == "weight":
+            mod.out_features, mod.in_features = mod.weight.shape
+    for u, idx in kept.items():
+        if refs[u].width_attr is not None:
+            mod_name, attr = refs[u].width_attr
+            setattr(model.get_submodule(mod_name), attr, int(idx.numel()))
+    family_of(model.config).config_from_widths(model)
     return model
 
 
 @torch.no_grad()
-def zero_units(model: Flux, kept: dict[str, torch.Tensor]) -> Flux:
-    """Silence every unit not in ``kept`` without changing shapes (the reference for slicing tests):
-    its input row and bias become 0, so its GELU output is exactly 0."""
-    widths = unit_widths(model.config)
+def zero_units(model: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
+    """Silence every unit not in ``kept`` without changing shapes (the reference for slicing tests): its
+    input-projection rows (and biases) become 0, so its activation — GELU(0) or silu(0)·0 — is exactly 0."""
+    refs = _checked(model, kept)
     for u, idx in kept.items():
-        drop = torch.ones(widths[u], dtype=torch.bool)
+        ref = refs[u]
+        drop = torch.ones(ref.units, dtype=torch.bool)
         drop[idx] = False
-        drop = drop.to(model.device)
-        kind, i = u.split(".")[:2]
-        if kind == "double_blocks":
-            up = getattr(model.double_blocks[int(i)], f"{u.split('.')[2]}_mlp")[0]
-            up.weight[drop] = 0
-            up.bias[drop] = 0
-        else:
-            b = model.single_blocks[int(i)]
-            h = b.hidden_size
-            b.linear1.weight[3 * h :][drop] = 0
-            b.linear1.bias[3 * h :][drop] = 0
+        for sl in ref.slices:
+            if sl.axis != 0:
+                continue
+            p = model.get_parameter(sl.param)
+            p[sl.offset : sl.offset + ref.units][drop.to(p.device)] = 0
     return model
 
 

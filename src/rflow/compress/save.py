@@ -11,8 +11,9 @@ diffusers pipeline root                one BFL safetensors file; its VAE and tex
                                        the original folder (``--vae`` / ``--text-encoders``)
 =====================================  ==========================================================
 
-Every transformer written here has BFL keys and the ``rflow.flux_config`` metadata (RoPE axes,
-theta), so :func:`rflow.load` infers every block's width from the shapes and needs no flags.
+Every transformer written here has its family's own (original) keys — BFL's for FLUX.1 and FLUX.2,
+Z-Image's original names — and the family's config metadata (RoPE axes, theta: what shapes cannot
+tell), so :func:`rflow.load` infers every block's width from the shapes and needs no flags.
 Bookkeeping tensors (``rflow.kept.<unit>``) ride along in the same file; the checkpoint loader
 skips keys that start with ``rflow.``. Writes follow rflow.outputs (a temporary sibling swapped in on
 success; an existing output only with
@@ -29,16 +30,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.flux import CONFIG_METADATA_KEY, FluxCheckpoint
+from ..checkpoints.loader import Checkpoint
 from ..errors import UserError
-from ..models.flux import Flux
 from ..paths import (DIFFUSERS_PIPELINE, MANIFEST, RFLOW_PIPELINE, SINGLE_FILE, TRANSFORMER_FILE,  # noqa: F401
                      TRANSFORMER_FOLDER, source_layout, transformer_path)
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
     """Equal to ``rflow.load(path).fingerprint`` without loading any weight."""
-    with FluxCheckpoint(transformer_path(path)) as ck:
+    with Checkpoint(transformer_path(path)) as ck:
         return ck.fingerprint()
 
 
@@ -79,15 +79,16 @@ def check_output(source_path: str | os.PathLike, out_path: str | os.PathLike, *,
     return layout
 
 
-def _metadata(model: Flux, metadata: dict | None) -> dict[str, str]:
-    cfg = model.config
-    meta = {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(cfg.axes_dim), "theta": cfg.theta})}
+def _metadata(model: torch.nn.Module, metadata: dict | None) -> dict[str, str]:
+    from .units import family_of
+
+    meta = dict(family_of(model.config).config_metadata(model.config))
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     return meta
 
 
-def _tensors(model: Flux, dtype: torch.dtype, extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def _tensors(model: torch.nn.Module, dtype: torch.dtype, extra: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     sd = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     for k, v in (extra or {}).items():
         if not k.startswith("rflow."):
@@ -104,7 +105,7 @@ def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def save_transformer_like(source_path: str | os.PathLike, model: Flux, out_path: str | os.PathLike, *,
+def save_transformer_like(source_path: str | os.PathLike, model: torch.nn.Module, out_path: str | os.PathLike, *,
                           extra_tensors: dict[str, torch.Tensor] | None = None, metadata: dict | None = None,
                           dtype: torch.dtype | None = None, force: bool = False) -> SavedModel:
     """Write ``model`` as the same kind of model as ``source_path`` (see the module docstring).
@@ -118,7 +119,7 @@ def save_transformer_like(source_path: str | os.PathLike, model: Flux, out_path:
     src, dst = Path(source_path).expanduser(), Path(out_path).expanduser()
     layout = check_output(src, dst, force=force)
     if dtype is None:
-        with FluxCheckpoint(transformer_path(src)) as ck:
+        with Checkpoint(transformer_path(src)) as ck:
             dtype = ck.stored_dtype()
     tensors = _tensors(model, dtype, extra_tensors)
     meta = _metadata(model, metadata)

@@ -1,49 +1,77 @@
-"""Naming of MLP units (block × stream), layer-range parsing, and the hook points that expose them."""
+"""MLP unit groups of any family, from its layer list: names, widths, hook points, ``--layers``/``--streams``.
+
+Every tool addresses units through the family's :class:`~rflow.families.base.LayerRef` list
+(:func:`layer_refs`), never by parsing names: FLUX.1's groups are ``double_blocks.{i}.img|txt`` and
+``single_blocks.{i}``, FLUX.2's the same with SwiGLU MLPs, Z-Image's ``layers.{i}`` and its refiners.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..errors import UserError
-from ..models.flux import Flux, FluxConfig
+from ..families.base import LayerRef
 
-STREAMS = ("img", "txt", "single")
-
-
-def unit_names(config: FluxConfig) -> list[str]:
-    names = []
-    for i in range(config.depth):
-        names += [f"double_blocks.{i}.img", f"double_blocks.{i}.txt"]
-    names += [f"single_blocks.{i}" for i in range(config.depth_single)]
-    return names
+STREAMS = ("img", "txt", "single")  # FLUX.1's streams (the default of messages and CLI help)
 
 
-def unit_widths(config: FluxConfig) -> dict[str, int]:
-    w = {}
-    for i, (wi, wt) in enumerate(config.double_mlp):
-        w[f"double_blocks.{i}.img"], w[f"double_blocks.{i}.txt"] = wi, wt
-    for i, ws in enumerate(config.single_mlp):
-        w[f"single_blocks.{i}"] = ws
-    return w
+def family_of(config):
+    """The family module of a transformer config (FluxConfig, Flux2Config, ZImageConfig)."""
+    from ..checkpoints.loader import families
+
+    for fam in families():
+        if isinstance(config, getattr(fam, "CONFIG_CLASS", ())):
+            return fam
+    raise UserError(f"no model family for a {type(config).__name__}")
 
 
-def unit_layer(name: str, config: FluxConfig) -> int:
-    """The unified layer index of a unit (double blocks first, then single blocks)."""
-    kind, idx = name.split(".")[:2]
-    return int(idx) if kind == "double_blocks" else config.depth + int(idx)
+def _config(config_or_model):
+    return config_or_model.config if isinstance(config_or_model, nn.Module) else config_or_model
 
 
-def unit_stream(name: str) -> str:
+def layer_refs(config_or_model) -> list[LayerRef]:
+    cfg = _config(config_or_model)
+    return family_of(cfg).layers(cfg)
+
+
+def refs_by_name(config_or_model) -> dict[str, LayerRef]:
+    return {r.name: r for r in layer_refs(config_or_model)}
+
+
+def unit_names(config) -> list[str]:
+    return [r.name for r in layer_refs(config)]
+
+
+def unit_widths(config) -> dict[str, int]:
+    return {r.name: r.units for r in layer_refs(config)}
+
+
+def n_layers(config) -> int:
+    """How many indices ``--layers`` ranges over."""
+    return 1 + max((r.layer for r in layer_refs(config)), default=-1)
+
+
+def streams_of(config) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(r.stream for r in layer_refs(config)))
+
+
+def unit_layer(name: str, config) -> int:
+    """The unified layer index of a unit group (FLUX.1: double blocks first, then single blocks)."""
+    return refs_by_name(config)[name].layer
+
+
+def unit_stream(name: str, config=None) -> str:
+    if config is not None:
+        return refs_by_name(config)[name].stream
     return name.split(".")[2] if name.startswith("double_blocks.") else "single"
 
 
-def activation_module(model: Flux, name: str) -> nn.Module:
-    """The module whose output is the unit's post-GELU activation (hook it to observe the unit)."""
-    kind, idx = name.split(".")[:2]
-    if kind == "double_blocks":
-        block = model.double_blocks[int(idx)]
-        return (block.img_mlp if unit_stream(name) == "img" else block.txt_mlp)[1]
-    return model.single_blocks[int(idx)].mlp_act
+def activation_module(model: nn.Module, name: str) -> nn.Module:
+    """The module whose output is the unit group's hidden activation (hook it to observe the units)."""
+    ref = refs_by_name(model).get(name)
+    if ref is None:
+        raise UserError(f"this model has no unit group {name!r}")
+    return model.get_submodule(ref.act)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -55,17 +83,29 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return int_range(spec, "layers", low=0, high=n_layers - 1)
 
 
-def parse_streams(spec: str | None) -> tuple[str, ...]:
+def parse_streams(spec: str | None, known: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+    """'img,txt' -> ("img", "txt"); None -> None (every stream). ``known``: the model's streams
+    (FLUX.1's when not given, for checks before a model is loaded)."""
     if spec is None:
-        return STREAMS
+        return None
+    known = known or STREAMS
     streams = tuple(s.strip() for s in spec.split(",") if s.strip())
-    bad = [s for s in streams if s not in STREAMS]
+    bad = [s for s in streams if s not in known]
     if bad or not streams:
-        raise UserError(f"unknown stream {bad[0] if bad else spec!r}; choose from {', '.join(STREAMS)}")
+        raise UserError(f"unknown stream {bad[0] if bad else spec!r}; choose from {', '.join(known)}")
     return streams
 
 
-def select_units(config: FluxConfig, layers: str | None = None, streams: str | None = None) -> list[str]:
-    n = config.depth + config.depth_single
-    keep_layers, keep_streams = set(parse_layers(layers, n)), set(parse_streams(streams))
-    return [u for u in unit_names(config) if unit_layer(u, config) in keep_layers and unit_stream(u) in keep_streams]
+def check_streams_spec(spec: str | None) -> None:
+    """Early, model-free check of ``--streams``: names only (each model's own streams are checked later)."""
+    from ..checkpoints.loader import families
+
+    known = tuple(dict.fromkeys(s for fam in families() for s in fam.STREAMS))
+    parse_streams(spec, known)
+
+
+def select_units(config, layers: str | None = None, streams: str | None = None) -> list[str]:
+    refs = layer_refs(config)
+    keep_layers = set(parse_layers(layers, n_layers(config)))
+    keep_streams = parse_streams(streams, streams_of(config))
+    return [r.name for r in refs if r.layer in keep_layers and (keep_streams is None or r.stream in keep_streams)]

@@ -25,6 +25,7 @@ __all__ = ["CONFIG_METADATA_KEY", "PREFIXES", "Cond", "Denoiser", "default_axes_
 
 NAME = "flux1"
 TITLE = "FLUX.1"
+CONFIG_CLASS = FluxConfig
 
 # ---------------------------------------------------------------------------------------------- family interface
 
@@ -98,6 +99,13 @@ def overrides(metadata: dict[str, str], diffusers_config: dict | None) -> dict:
     if diffusers_config and "axes_dims_rope" in diffusers_config:
         out["axes_dim"] = diffusers_config["axes_dims_rope"]
     return out
+
+
+def config_metadata(config: FluxConfig) -> dict[str, str]:
+    """Safetensors metadata for what shapes cannot tell (read back by :func:`overrides`)."""
+    import json
+
+    return {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(config.axes_dim), "theta": config.theta})}
 
 
 def summary(config: FluxConfig) -> dict:
