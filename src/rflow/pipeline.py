@@ -144,7 +144,7 @@ class Pipeline:
         v = v_neg + cfg·(v_pos − v_neg), against ``negative_prompt`` (empty prompt if none); ``image`` +
         ``strength`` is img2img. ``noise`` has the shape :meth:`latent_shape` gives. ``images``: reference
         images (PIL, paths or (3, H, W) tensors in [0, 1]) for families that take them (FLUX.2-klein);
-        the size defaults to the last one's. ``cfg_truncation``: CFG is off once 1 − sigma exceeds it;
+        the size defaults to the first one's. ``cfg_truncation``: CFG is off once 1 − sigma exceeds it;
         ``cfg_renorm``: the guided velocity's norm is capped at that multiple of the conditional one
         (Z-Image's ``cfg_truncation`` and ``cfg_normalization``).
         Returns a list of PIL images, or a tensor for ``output_type`` "latent" (normalised latents),
@@ -175,8 +175,8 @@ class Pipeline:
             if not hasattr(fam, "prepare_references"):
                 raise UserError(f"{fam.TITLE} models take no reference images")
             refs = [self.read_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
-            if width is None and height is None:
-                width, height = fam.reference_default_size(refs)
+            ref_w, ref_h = fam.reference_default_size(refs, self.vae.downscale_factor)
+            width, height = width or ref_w, height or ref_h  # as diffusers: each side from the first image
         width, height = width or self.default_size[0], height or self.default_size[1]
         self.check_request(B, width, height, cfg=cfg)
         shape = self.latent_shape(height, width, B)

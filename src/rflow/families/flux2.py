@@ -17,24 +17,36 @@ shapes and every tensor is checked against a model built on the meta device from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..checkpoints.io import majority, tensor_kind
 from ..checkpoints.plan import Plan, block_indices, cat, check_plan_sources, identity_plan, one, swap_halves
 from ..errors import UserError
-from ..models.flux2 import Flux2, Flux2Config
-from .base import LayerRef, Slice
+from ..models.flux2 import Flux2, Flux2Config, image_ids, pack, unpack
+from .base import LatentSpec, LayerRef, Slice, sigma_vector
+from .flux2_refs import prepare_references, reference_default_size, reference_pixels  # noqa: F401  (the interface)
 
 NAME = "flux2"
 TITLE = "FLUX.2"
+CONFIG_CLASS = Flux2Config
 CONFIG_METADATA_KEY = "rflow.flux2_config"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 STREAMS = ("img", "txt", "single")
+DEFAULT_SIZE = (1024, 1024)  # (width, height), Flux2KleinPipeline's default
+MAX_SEQUENCE_LENGTH = 512  # Qwen3 tokens, chat template included
+DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's guidance_scale, for models with a guidance embedder (FLUX.2-dev)
+CODEC_HELP = "a diffusers vae/ folder (AutoencoderKLFlux2), ae.safetensors or flux2-vae.safetensors"
+TEXT_HELP = "text_encoder/ and tokenizer/ of a Qwen3 encoder"
+CODEC_FILES = ("ae.safetensors", "flux2-vae.safetensors", "flux2_vae.safetensors")
 
 # The published transformers (transformer/config.json of black-forest-labs/FLUX.2-klein-4B, -klein-base-4B,
 # -klein-9B, -klein-base-9B; FLUX.2-dev): head dim 128, mlp_ratio 3, RoPE axes (32, 32, 32, 32), theta 2000.
@@ -128,6 +140,11 @@ def overrides(metadata: dict[str, str], diffusers_config: dict | None = None) ->
             raise UserError(f"invalid {CONFIG_METADATA_KEY} metadata (expected a JSON object)")
         out.update(meta)
     return out
+
+
+def config_metadata(config: Flux2Config) -> dict[str, str]:
+    """Safetensors metadata for what shapes cannot tell (read back by :func:`overrides`)."""
+    return {CONFIG_METADATA_KEY: json.dumps({"axes_dim": list(config.axes_dim), "theta": config.theta})}
 
 
 def _check_overrides(overrides) -> dict:
@@ -328,3 +345,173 @@ def config_from_widths(model: Flux2) -> None:
     cfg = model.config
     cfg.double_mlp = [(b.img_mlp[2].weight.shape[1], b.txt_mlp[2].weight.shape[1]) for b in model.double_blocks]
     cfg.single_mlp = [b.mlp_width for b in model.single_blocks]
+
+
+# ---------------------------------------------------------------------------------------------- pipeline parts
+
+
+def latent_spec(config: Flux2Config, codec_factor: int) -> LatentSpec:
+    """The latent of Flux2KleinPipeline's ``latents`` argument: the codec's normalised patchified latent
+    (B, in_channels, H/f, W/f), f = 16 for the FLUX.2 codec; one token per latent cell, so sides are
+    multiples of f."""
+    return LatentSpec(channels=config.in_channels, spatial_factor=codec_factor, size_multiple=codec_factor)
+
+
+def image_seq_len(latent_shape: tuple[int, ...]) -> int:
+    """Noise tokens of a latent (one per cell; reference tokens do not count), what the shift reads."""
+    return latent_shape[-2] * latent_shape[-1]
+
+
+def default_schedule(config: Flux2Config, scheduler_config: dict | None) -> tuple[str, float | None]:
+    """FLUX.2's empirical-mu schedule ("flux2"), as Flux2KleinPipeline drives a dynamically shifting
+    scheduler; a scheduler config without dynamic shifting ignores the pipeline's mu and uses its static
+    ``shift`` ("static", or "none" for shift 1)."""
+    cfg = scheduler_config or {}
+    if cfg.get("use_dynamic_shifting", True):
+        kind = cfg.get("time_shift_type", "exponential")
+        if kind != "exponential":
+            raise UserError(f"scheduler time_shift_type {kind!r} is not supported for FLUX.2 (exponential only)")
+        return "flux2", None
+    try:
+        shift = float(cfg.get("shift", 1.0))
+    except (TypeError, ValueError):
+        raise UserError(f"scheduler shift {cfg.get('shift')!r} is not a number") from None
+    return ("none", None) if shift == 1.0 else ("static", shift)
+
+
+def find_codec(root: str | os.PathLike) -> Path | None:
+    """Where the FLUX.2 VAE lives next to a model: a diffusers ``vae/`` folder, else ``ae.safetensors``
+    (BFL) or ``flux2-vae.safetensors`` (ComfyUI)."""
+    root = Path(root)
+    if (root / "vae").is_dir():
+        return root / "vae"
+    for name in CODEC_FILES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_codec(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None):
+    """The FLUX.2 latent codec (:class:`rflow.models.vae2.Flux2Codec`) from any layout it is stored in."""
+    from .flux2_vae import load_flux2_vae
+
+    return load_flux2_vae(path, device=device, dtype=dtype)
+
+
+def find_text(*dirs: str | os.PathLike | None) -> Path | None:
+    """The first of ``dirs`` holding a Qwen3 ``text_encoder/`` and ``tokenizer/``."""
+    from ..models.qwen import find_qwen_text
+
+    return find_qwen_text(*dirs)
+
+
+def load_text(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None):
+    from ..models.qwen import load_qwen_text
+
+    return load_qwen_text(path, device=device, dtype=dtype)
+
+
+def check_parts_fit(config: Flux2Config, codec, text, *, where: str) -> None:
+    """One-line UserError when the transformer's channels do not fit the codec's latent, or its text
+    width (``txt_in``) the Qwen3 hidden states that :func:`encode` concatenates. ``codec`` / ``text``
+    may be None to skip their check."""
+    from ..models.qwen import KLEIN_LAYERS
+
+    cfg = config.config if isinstance(config, nn.Module) else config
+    if codec is not None:
+        latent = int(codec.latent_channels)
+        for n, verb, what, codec_verb in ((cfg.in_channels, "takes", "input", "gives"),
+                                          (cfg.out_channels, "gives", "output", "takes")):
+            if n != latent:
+                raise UserError(f"{where}: the transformer {verb} {n} {what} channels (img_in / final_layer), "
+                                f"but the VAE {codec_verb} {latent}-channel latents: not a FLUX.2 VAE for this model")
+    if text is not None:
+        need = max(KLEIN_LAYERS)
+        if text.num_layers < need:
+            raise UserError(f"{where}: the Qwen3 text encoder has {text.num_layers} layers; FLUX.2 reads the hidden "
+                            f"states after layers {', '.join(map(str, KLEIN_LAYERS))}")
+        width = len(KLEIN_LAYERS) * text.hidden_size
+        if width != cfg.context_in_dim:
+            raise UserError(f"{where}: the transformer takes {cfg.context_in_dim}-wide text embeddings (txt_in), but "
+                            f"the Qwen3 encoder gives {len(KLEIN_LAYERS)}×{text.hidden_size} = {width}")
+
+
+# ---------------------------------------------------------------------------------------------- denoiser
+
+
+@dataclass
+class Cond:
+    """FLUX.2 conditioning: the Qwen3 sequence ``txt`` (B, S, D) and its RoPE ids ``txt_ids`` (B or 1, S, 4);
+    optional reference-image tokens ``ref`` (B or 1, R, C) with their ids ``ref_ids`` (B or 1, R, 4)
+    (:func:`prepare_references`, :func:`add_references`); the distilled-guidance scale ``guidance``
+    (a float or a (B,) tensor; used only by models with a guidance embedder)."""
+
+    txt: Tensor
+    txt_ids: Tensor
+    ref: Tensor | None = None
+    ref_ids: Tensor | None = None
+    guidance: float | Tensor | None = None
+
+    def to(self, device) -> "Cond":
+        def move(t):
+            return t.to(device) if isinstance(t, Tensor) else t
+
+        return Cond(move(self.txt), move(self.txt_ids), move(self.ref), move(self.ref_ids), move(self.guidance))
+
+    @property
+    def batch(self) -> int:
+        return self.txt.shape[0]
+
+
+def encode(text, prompts: list[str], max_sequence_length: int, guidance: float | None = None) -> Cond:
+    """Qwen3 conditioning as Flux2KleinPipeline.encode_prompt makes it (layers 9, 18, 27 concatenated)."""
+    txt, txt_ids = text.encode_klein(prompts, max_sequence_length)
+    return Cond(txt, txt_ids, guidance=guidance)
+
+
+def add_references(cond: Cond, tokens: Tensor, ids: Tensor) -> Cond:
+    """``cond`` with the reference tokens (1 or B, R, C) and ids (1 or B, R, 4) of :func:`prepare_references`,
+    expanded to the conditioning's batch (use the same ones for the negative conditioning, as the pipeline)."""
+    B = cond.batch
+    if tokens.ndim != 3 or ids.ndim != 3 or ids.shape[-1] != 4 or tokens.shape[1] != ids.shape[1]:
+        raise UserError(f"reference tokens {tuple(tokens.shape)} and ids {tuple(ids.shape)} do not match "
+                        "((1|B, R, C) and (1|B, R, 4))")
+    if tokens.shape[0] not in (1, B) or ids.shape[0] not in (1, B):
+        raise UserError(f"reference tokens for batch {tokens.shape[0]}, but the conditioning has {B} prompts")
+    return dataclasses.replace(cond, ref=tokens.expand(B, -1, -1), ref_ids=ids.expand(B, -1, -1))
+
+
+class Denoiser:
+    """``denoiser(x, sigma, cond) -> v`` for a FLUX.2 transformer over latents (B, C, h, w).
+
+    The latent is packed into one token per cell with ids (0, row, column, 0); the conditioning's
+    reference tokens follow the noise tokens (as in Flux2KleinPipeline) and only the noise tokens' output
+    is kept. The transformer sees sigma directly (the pipeline's ``timestep / 1000``) and predicts
+    v = noise − x0, rflow's convention, so nothing is flipped."""
+
+    prediction = "velocity"
+
+    def __init__(self, model: Flux2, prediction: str = "velocity"):
+        if prediction != "velocity":
+            raise UserError(f"FLUX.2 models predict the velocity, not {prediction!r}")
+        self.model = model
+
+    def loss_weight(self, t: Tensor, floor: float) -> Tensor:
+        return torch.ones_like(t)
+
+    def guidance_vector(self, cond: Cond, batch: int, device) -> Tensor | None:
+        if not self.model.config.guidance_embed:
+            return None
+        return sigma_vector(DEFAULT_GUIDANCE if cond.guidance is None else cond.guidance, batch, device)
+
+    def __call__(self, x: Tensor, sigma, cond: Cond) -> Tensor:
+        B, _, h, w = x.shape
+        dev = x.device
+        tokens, ids = pack(x), image_ids(h, w, device=dev)
+        if cond.ref is not None:
+            tokens = torch.cat([tokens, cond.ref.to(dev, tokens.dtype).expand(B, -1, -1)], dim=1)
+            ids = torch.cat([ids.expand(B, -1, -1), cond.ref_ids.to(dev, ids.dtype).expand(B, -1, -1)], dim=1)
+        txt = cond.txt.to(dev)
+        out = self.model(tokens, ids, txt, cond.txt_ids.to(dev, torch.float32), sigma_vector(sigma, B, dev),
+                         self.guidance_vector(cond, B, dev))
+        return unpack(out[:, : h * w], h, w).to(x.dtype)

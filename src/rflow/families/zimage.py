@@ -41,6 +41,7 @@ from .base import LatentSpec, LayerRef, Slice, sigma_vector
 
 NAME = "zimage"
 TITLE = "Z-Image"
+CONFIG_CLASS = ZImageConfig
 CONFIG_METADATA_KEY = "rflow.zimage_config"  # rflow's own config (ZImageConfig.to_dict) in safetensors metadata
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 STREAMS = ("main", "noise_refiner", "context_refiner")
@@ -299,6 +300,15 @@ def overrides(metadata: dict[str, str], diffusers_config: dict | None) -> dict:
     from ..checkpoints.loader import metadata_overrides
 
     return {**metadata_overrides(metadata, CONFIG_METADATA_KEY), **(diffusers_config or {})}
+
+
+def config_metadata(config: ZImageConfig) -> dict[str, str]:
+    """Safetensors metadata for what shapes cannot tell, in the config.json names :func:`overrides` reads."""
+    import json
+
+    return {CONFIG_METADATA_KEY: json.dumps({"axes_dims": list(config.axes_dims), "rope_theta": config.rope_theta,
+                                             "norm_eps": config.norm_eps, "t_scale": config.t_scale,
+                                             "n_heads": config.n_heads, "seq_multiple": config.seq_multiple})}
 
 
 def summary(config: ZImageConfig) -> dict:
