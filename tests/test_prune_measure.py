@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 import rflow
 from rflow.families.base import Guidance, guided
-from rflow.families.flux1 import Cond
 from rflow import tiny
 from rflow.checkpoints.flux import CONFIG_METADATA_KEY, FluxCheckpoint, load_flux
 from rflow.cli import main
@@ -366,7 +365,7 @@ def test_measure_library_follows_the_reference_trajectory(base, pruned_dir):
     # by hand: the pruned velocity at the reference's first point
     t0 = trajs[0]
     x, t, v_ref = t0.points[0]
-    v = guided(pruned.denoiser, Cond(t0.txt, t0.vec, 3.5), None, Guidance())(x, t)
+    v = guided(pruned.denoiser, t0.cond, None, Guidance())(x, t)
     assert res["velocity_mse_max"] >= float((v - v_ref).pow(2).flatten(1).mean(1).max()) > 0
 
 

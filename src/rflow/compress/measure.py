@@ -34,10 +34,18 @@ from torch import Tensor
 from .. import sampling
 from ..errors import NonFiniteError, UserError
 from ..families.base import Guidance, guided
-from ..families.flux1 import Cond, Denoiser
+from ..families.flux1 import Denoiser
 from ..models.flux import Flux
 from .stats import ActivationStats
-from .units import select_units
+from .units import layer_refs, n_layers as count_layers, refs_by_name, select_units
+
+
+def layer_kind(refs, layer: int) -> str:
+    """What ``rflow sensitivity`` calls a layer: FLUX's "double" / "single" blocks, else its stream."""
+    streams = {r.stream for r in refs if r.layer == layer}
+    if streams <= {"img", "txt"} and streams:
+        return "double"
+    return "/".join(sorted(streams)) or "-"
 from .workload import Run, Workload
 
 
@@ -49,10 +57,8 @@ class Trajectory:
     width: int
     height: int
     steps: int
-    txt: Tensor
-    vec: Tensor
+    cond: object  # the family's conditioning (rflow.families.*.Cond), guidance included
     noise: Tensor
-    guidance: float
     points: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (x_t, t, v_ref) per model call
     final: Tensor | None = None  # the reference's final latents
 
@@ -63,8 +69,7 @@ class Trajectory:
 
 def _noise(pipe, run: Run) -> Tensor:
     """The noise ``Pipeline.generate(seed=run.seed)`` draws for one prompt."""
-    f = pipe.vae.downscale_factor
-    shape = (1, pipe.latent_channels, run.height // f, run.width // f)
+    shape = pipe.latent_shape(run.height, run.width, 1)
     return torch.randn(shape, generator=torch.Generator().manual_seed(run.seed), dtype=torch.float32)
 
 
@@ -100,8 +105,7 @@ class VelocityErrors:
         dev = self.pipe.device
         if traj is not self._traj:
             self._traj = traj
-            self._velocity = guided(self.pipe.denoiser, Cond(traj.txt.to(dev), traj.vec.to(dev), traj.guidance), None,
-                                    Guidance())
+            self._velocity = guided(self.pipe.denoiser, traj.cond.to(dev), None, Guidance())
         v = self._velocity(x.to(dev), t.to(dev)).double()
         if not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"{self.pipe.name}: the model produced NaN/inf at t = {float(t):.4g}")
@@ -137,10 +141,9 @@ def reference_trajectories(reference, workload: Workload, *, guidance: float | N
     for runs in _batches(workload, batch):
         r0 = runs[0]
         noise = torch.cat([_noise(reference, r) for r in runs]).to(dev)
-        cond = reference.encode([r.prompt for r in runs], guidance=guidance)
-        txt, vec = cond.txt, cond.vec
-        traj = Trajectory(runs, r0.width, r0.height, r0.steps, txt, vec, noise, guidance)
-        sigmas = reference.schedule.sigmas(r0.steps, image_seq_len=(noise.shape[2] // 2) * (noise.shape[3] // 2))
+        cond = reference.encode([r.prompt for r in runs], guidance=reference.resolve_guidance(guidance))
+        traj = Trajectory(runs, r0.width, r0.height, r0.steps, cond, noise)
+        sigmas = reference.schedule.sigmas(r0.steps, image_seq_len=reference.family_module.image_seq_len(noise.shape))
         velocity = guided(reference.denoiser, cond, None, Guidance())
 
         def recording(x: Tensor, t: Tensor, velocity=velocity, traj=traj) -> Tensor:
@@ -207,6 +210,7 @@ def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float |
     if model_pipe.latent_channels != reference_pipe.latent_channels or model_pipe.size_multiple != reference_pipe.size_multiple:
         raise UserError("the model and the reference work in different latent spaces: they cannot be compared")
     _check_sizes(model_pipe, workload)
+    guidance = reference_pipe.resolve_guidance(guidance)
     if trajectories is not None:
         trajs, acc = trajectories, velocity_errors(model_pipe, trajectories)
     else:  # the model runs right after the reference at every point: nothing is kept
@@ -301,18 +305,14 @@ def measure_capture(model_pipe, reader, *, reference_fingerprint: str | None = N
 # ---------------------------------------------------------------------------------------------- sensitivity
 
 
-def _up_params(model: Flux, unit: str) -> list[Tensor]:
-    """The parameters :func:`~rflow.compress.prune.zero_units` writes for ``unit``."""
-    kind, i = unit.split(".")[:2]
-    if kind == "double_blocks":
-        up = getattr(model.double_blocks[int(i)], f"{unit.split('.')[2]}_mlp")[0]
-        return [up.weight, up.bias]
-    lin = model.single_blocks[int(i)].linear1
-    return [lin.weight, lin.bias]
+def _up_params(model, unit: str) -> list[Tensor]:
+    """The parameters :func:`~rflow.compress.prune.zero_units` writes for ``unit`` (its axis-0 slices)."""
+    ref = refs_by_name(model)[unit]
+    return list({sl.param: model.get_parameter(sl.param) for sl in ref.slices if sl.axis == 0}.values())
 
 
 @contextlib.contextmanager
-def zeroed(model: Flux, kept: dict[str, Tensor]):
+def zeroed(model, kept: dict[str, Tensor]):
     """Silence the units not in ``kept`` for the duration of the block, then restore the weights exactly."""
     from .prune import zero_units
 
@@ -339,12 +339,13 @@ def sensitivity(pipe, stats: ActivationStats, workload: Workload, *, level: floa
         raise UserError(f"--level must be in (0, 1), got {level}")
     model = pipe.transformer
     cfg = model.config
+    guidance = pipe.resolve_guidance(guidance)
     trajs = reference_trajectories(pipe, workload, guidance=guidance, solver=solver, batch=batch)
-    n_layers = cfg.depth + cfg.depth_single
+    refs = layer_refs(cfg)
     rows = []
-    for layer in range(n_layers):
+    for layer in range(count_layers(cfg)):
         units = select_units(cfg, layers=str(layer), streams=streams)
-        kind = "double" if layer < cfg.depth else "single"
+        kind = layer_kind(refs, layer)
         width = sum(stats.count[u].numel() for u in units)
         if not units:
             rows.append({"layer": layer, "kind": kind, "groups": [], "units": 0, "zeroed": 0,
@@ -359,7 +360,7 @@ def sensitivity(pipe, stats: ActivationStats, workload: Workload, *, level: floa
         if progress is not None:
             progress(rows[-1])
     return {"model": pipe.name, "model_fingerprint": pipe.fingerprint, "stats_fingerprint": stats.fingerprint,
-            "level": level, "criterion": criterion, "streams": streams or "img,txt,single", "guidance": guidance,
+            "level": level, "criterion": criterion, "streams": streams or ",".join(dict.fromkeys(r.stream for r in refs)), "guidance": guidance,
             "solver": solver, "workload": workload.describe(), "layers": rows}
 
 
