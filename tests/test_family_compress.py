@@ -20,12 +20,7 @@ from rflow.compress.stats import ActivationStats
 from rflow.compress.units import layer_refs, select_units, unit_names, unit_widths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _zimage(tmp_path):

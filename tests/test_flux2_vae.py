@@ -39,13 +39,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest on one thread (two threads spin against each other on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_vae(kw: dict, seed: int = 0) -> AutoencoderKLFlux2:

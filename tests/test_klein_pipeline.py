@@ -43,12 +43,7 @@ CFG = 2.5
 RTOL = 1e-4  # of the output's scale
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_vae(levels: int = 2, seed: int = 0) -> AutoencoderKLFlux2:

@@ -23,13 +23,7 @@ PROMPTS = ["a red cat", "", "the small dog on a large painting of the city at ni
            "Ünïcode 東京 photo 42"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two contended ones (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

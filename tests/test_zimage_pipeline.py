@@ -26,7 +26,7 @@ from rflow.errors import UserError
 from rflow.families import zimage
 from rflow.families.base import Guidance, guided
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LATENT_CHANNELS = TINY["in_channels"]  # 4
 SIZE = (24, 16)  # width, height: the tiny VAE has factor 2 -> latent 12×8, 6×4 patches

@@ -170,14 +170,8 @@ class Pipeline:
         if cfg_renorm is not None:
             options.number(cfg_renorm, "cfg_renorm", low=0)
         fam = self.family_module
-        refs = None
-        if images:
-            if not hasattr(fam, "prepare_references"):
-                raise UserError(f"{fam.TITLE} models take no reference images")
-            refs = [self.read_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
-            ref_w, ref_h = fam.reference_default_size(refs, self.vae.downscale_factor)
-            width, height = width or ref_w, height or ref_h  # as diffusers: each side from the first image
-        width, height = width or self.default_size[0], height or self.default_size[1]
+        refs = self.reference_images(images)
+        width, height = self.resolve_size(width, height, refs)
         self.check_request(B, width, height, cfg=cfg)
         shape = self.latent_shape(height, width, B)
         dev = self.device
@@ -224,6 +218,22 @@ class Pipeline:
         if output_type == "latent":
             return latent
         return self.decode(latent, output_type)
+
+    def reference_images(self, images: list | None) -> list | None:
+        """Reference images read (paths) and checked to be wanted by this family; None when there are none."""
+        if not images:
+            return None
+        if not hasattr(self.family_module, "prepare_references"):
+            raise UserError(f"{self.family_module.TITLE} models take no reference images")
+        return [self.read_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+
+    def resolve_size(self, width: int | None, height: int | None, images: list | None = None) -> tuple[int, int]:
+        """The size to draw: as given, else (as diffusers) each missing side from the first reference
+        image, else the model's native size."""
+        if images:
+            ref_w, ref_h = self.family_module.reference_default_size(images, self.vae.downscale_factor)
+            width, height = width or ref_w, height or ref_h
+        return width or self.default_size[0], height or self.default_size[1]
 
     def check_request(self, batch: int, width: int, height: int, *, cfg: float = 1.0) -> None:
         """Refuse, before any work, a size this model cannot draw or whose activations cannot fit memory."""

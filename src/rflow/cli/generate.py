@@ -123,7 +123,8 @@ def generate(
         pipe = load_with_patches(model_path, patches, **kw)
     else:
         pipe = load(model_path, **kw)
-    width, height = width or pipe.default_size[0], height or pipe.default_size[1]
+    refs = pipe.reference_images(refs)
+    width, height = pipe.resolve_size(width, height, refs)
     guidance = pipe.resolve_guidance(guidance)
     pipe.check_request(batch, width, height, cfg=cfg)
     pipe.check_prompts([prompt] + ([negative] if negative and cfg > 1 else []))
@@ -131,7 +132,7 @@ def generate(
     with progress("sampling", steps) as update:
         images = pipe.generate([prompt] * batch, negative_prompt=negative, width=width, height=height, steps=steps,
                                guidance=guidance, cfg=cfg, seed=seed, solver=solver, image=init, strength=strength,
-                               images=refs or None, cfg_truncation=cfg_truncation, cfg_renorm=cfg_renorm,
+                               images=refs, cfg_truncation=cfg_truncation, cfg_renorm=cfg_renorm,
                                callback=lambda i, n, _x: update(i + 1, total=n))
     elapsed = time.perf_counter() - t0
     settings = {
@@ -224,7 +225,10 @@ def eval_(
 
 def train(
     output: Path = typer.Option(..., "-o", "--output", help="run folder: train_state.safetensors, model/"),
-    full: bool = typer.Option(False, "--full", help="train the whole model from scratch (rflow-tiny on the shapes world)"),
+    full: bool = typer.Option(False, "--full", help="train every weight on the shapes world: rflow-tiny from scratch, "
+                                                  "or the --model given"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m",
+                                         help="start from this model (any family) instead of a fresh rflow-tiny"),
     steps: int = typer.Option(4000, "--steps"),
     batch: int = typer.Option(32, "--batch"),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -233,12 +237,13 @@ def train(
     checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
     device: Optional[str] = typer.Option(None, "--device"),
 ):
-    """Train rflow-tiny from scratch (flow matching, AdamW, EMA); atomic checkpoints, exact resume."""
+    """Train rflow-tiny from scratch, or fine-tune every weight of a model, on the shapes world (flow
+    matching, AdamW, EMA); atomic checkpoints, exact resume."""
     import time
 
     from .. import options, tiny
     from ..outputs import check_output
-    from ..train.full import STATE_FILE, TrainConfig, Trainer
+    from ..train.full import STATE_FILE, TrainConfig, Trainer, export_path
 
     if not full:
         raise UserError("only full training (--full) is available in this version")
@@ -256,10 +261,19 @@ def train(
     check_output(output, kind="dir", force=True, what="the run folder")  # a writable place
     dev = options.device(device) if device is not None else None
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
-    pipe = tiny.build(seed=cfg.model_seed)
-    if dev is not None:
-        pipe.transformer.to(dev), pipe.text_encoders.to(dev), pipe.vae.to(dev)
-    trainer = Trainer(pipe, cfg, output)
+    source = None
+    if model is not None:
+        from ..paths import resolve_model
+        from ..pipeline import load
+
+        source = resolve_model(model)
+        pipe = load(source, device=dev, dtype="fp32")
+        pipe.check_request(1, 64, 64)  # the shapes world draws 64x64 images
+    else:
+        pipe = tiny.build(seed=cfg.model_seed)
+        if dev is not None:
+            pipe.transformer.to(dev), pipe.text_encoders.to(dev), pipe.vae.to(dev)
+    trainer = Trainer(pipe, cfg, output, source=source)
     t0 = time.perf_counter()
     with progress("training", cfg.steps) as update:
         def on_step(row):
@@ -267,8 +281,9 @@ def train(
             update(row["step"], description=f"training (loss {sum(recent) / len(recent):.4f})")
 
         result = trainer.run(resume=resume, progress=on_step)
-    command = f"rflow train --full -o {output} --steps {steps} --batch {batch} --lr {lr} --seed {seed}"
-    path = trainer.export(Path(output) / "model", extra={"training": {
+    command = (f"rflow train --full -o {output} --steps {steps} --batch {batch} --lr {lr} --seed {seed}"
+               + (f" --model {model}" if model is not None else ""))
+    path = trainer.export(export_path(output, source), extra={"training": {
         "command": command, "steps": result["step"], "seed": seed, "final_loss": result["loss"]}})
     console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {time.perf_counter() - t0:.0f} s", highlight=False)
     print(path)

@@ -189,7 +189,7 @@ def sensitivity(
     from .. import options
     from ..compress.measure import sensitivity as run_sensitivity
     from ..compress.measure import sensitivity_png
-    from ..compress.units import check_streams_spec
+    from ..compress.units import check_streams_spec, n_layers as count_layers
     from ..outputs import check_output, replacing_all
     from ..pipeline import load, parse_dtype
 
@@ -207,8 +207,7 @@ def sensitivity(
     pipe = load(model, text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
     check_stats_widths(st, pipe.transformer.config)
     work = _workload(pipe, prompts=prompts, shapes_n=shapes_n, sizes=sizes, steps=steps, seed=seed)
-    n_layers = pipe.transformer.config.depth + pipe.transformer.config.depth_single
-    with progress("sensitivity", n_layers) as update:
+    with progress("sensitivity", count_layers(pipe.transformer.config)) as update:
         res = run_sensitivity(pipe, st, work, level=level, criterion=criterion, streams=streams, guidance=guidance,
                               solver=solver, batch=batch, progress=lambda row: update(row["layer"] + 1))
     with replacing_all(outputs) as tmps:

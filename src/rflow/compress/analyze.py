@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..models.flux import Flux
 from .stats import ActivationStats
-from .units import activation_module, unit_names, unit_widths
+from .units import activation_module, layer_refs, unit_names, unit_widths
 from .workload import Run, Workload
 
 # At most this many activation values are converted to float64 at once (32 MiB).
@@ -190,7 +190,9 @@ def _meta(pipe, workload: Workload, runs: list[Run], guidance: float, cfg: float
     c = pipe.transformer.config
     return {"model": pipe.name, "prompts": len(runs), "steps": sorted({r.steps for r in runs}),
             "sizes": sorted({f"{r.width}x{r.height}" for r in runs}), "guidance": guidance, "cfg": cfg,
-            "source": workload.source, "seed": workload.seed, "depth": c.depth, "depth_single": c.depth_single,
+            "source": workload.source, "seed": workload.seed,
+        **({"depth": c.depth, "depth_single": c.depth_single} if hasattr(c, "depth_single") else {}),
+        "unit_layers": {r.name: [r.layer, r.stream] for r in layer_refs(c)},
             "history": [history]}
 
 

@@ -365,7 +365,7 @@ def sensitivity(pipe, stats: ActivationStats, workload: Workload, *, level: floa
 
 
 def sensitivity_png(result: dict) -> bytes:
-    """A bar chart of velocity MSE per layer (double blocks and single blocks in two colours)."""
+    """A bar chart of velocity MSE per layer, one colour per layer kind (FLUX: double and single blocks)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -375,9 +375,12 @@ def sensitivity_png(result: dict) -> bytes:
     fig = Figure(figsize=(max(6.0, 0.18 * len(rows) + 2), 3.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colours = ["#3b6fb6" if r["kind"] == "double" else "#d9822b" for r in rows]
-    ax.bar([r["layer"] for r in rows], [r["velocity_mse"] for r in rows], color=colours, width=0.8)
-    ax.set_xlabel("layer (double blocks, then single blocks)")
+    palette = ["#3b6fb6", "#d9822b", "#5a9e4b", "#8b5fb0", "#b0413e"]
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    colour = {k: palette[i % len(palette)] for i, k in enumerate(kinds)}
+    ax.bar([r["layer"] for r in rows], [r["velocity_mse"] for r in rows], color=[colour[r["kind"]] for r in rows],
+           width=0.8)
+    ax.set_xlabel("layer (double blocks, then single blocks)" if kinds == ["double", "single"] else "layer")
     ax.set_ylabel("velocity MSE vs unpruned")
     ax.set_title(f"{result['model']}: {result['level']:.0%} of each layer's units zeroed ({result['criterion']})",
                  fontsize=9)
@@ -385,7 +388,7 @@ def sensitivity_png(result: dict) -> bytes:
         ax.set_xlim(-0.8, len(rows) - 0.2)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#3b6fb6", label="double"), Patch(color="#d9822b", label="single")], fontsize=8)
+    ax.legend(handles=[Patch(color=colour[k], label=k) for k in kinds], fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

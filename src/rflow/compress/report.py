@@ -21,15 +21,29 @@ QUANTILES = (("min", 0.0), ("1%", 0.01), ("10%", 0.10), ("50%", 0.50), ("90%", 0
 
 
 def _key(unit: str) -> tuple[int, int, int]:
+    """FLUX.1/FLUX.2 names: (double or single, block, stream) — for statistics that predate ``unit_layers``."""
     parts = unit.split(".")
     if parts[0] == "double_blocks":
         return 0, int(parts[1]), 0 if parts[2] == "img" else 1
     return 1, int(parts[1]), 0
 
 
+def _layers(stats: ActivationStats) -> dict[str, tuple[int, str]]:
+    """unit -> (layer index, stream): as the family's layer list said when the statistics were made,
+    else from FLUX block names."""
+    known = stats.meta.get("unit_layers")
+    if isinstance(known, dict) and all(u in known for u in stats.units):
+        return {u: (int(known[u][0]), str(known[u][1])) for u in stats.units}
+    depth = _depth(stats)
+    return {u: (layer_index(u, depth), u.split(".")[2] if u.startswith("double_blocks.") else "single")
+            for u in stats.units}
+
+
 def ordered_units(stats: ActivationStats) -> list[str]:
     """The unit groups of ``stats`` in layer order."""
-    return sorted(stats.units, key=_key)
+    layers = _layers(stats)
+    order = {u: i for i, u in enumerate(stats.units)}
+    return sorted(stats.units, key=lambda u: (layers[u][0], order[u]))
 
 
 def _depth(stats: ActivationStats) -> int:
@@ -56,14 +70,13 @@ def frequency_quantiles(freq: torch.Tensor) -> dict[str, float]:
 def summary(stats: ActivationStats) -> list[dict]:
     """One row per unit group: layer, unit, stream, width, positions, never (units that never fired), and
     the firing-frequency quantiles (NaN for a group that saw no positions)."""
-    depth = _depth(stats)
+    layers = _layers(stats)
     rows = []
     for u in ordered_units(stats):
         count = stats.count[u]
         seen = stats.positions[u] > 0
         q = frequency_quantiles(stats.frequency(u)) if seen else {n: float("nan") for n, _ in QUANTILES}
-        rows.append({"layer": layer_index(u, depth), "unit": u,
-                     "stream": u.split(".")[2] if u.startswith("double_blocks.") else "single",
+        rows.append({"layer": layers[u][0], "unit": u, "stream": layers[u][1],
                      "width": count.numel(), "positions": stats.positions[u], "never": int((count == 0).sum()), **q})
     return rows
 

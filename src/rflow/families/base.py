@@ -129,6 +129,41 @@ def sigma_vector(sigma: Tensor | float, batch: int, device) -> Tensor:
     return s.expand(batch).clone() if s.ndim == 0 else s.reshape(batch)
 
 
+def cond_rows(cond) -> list:
+    """A batched conditioning (a family's Cond dataclass) as one Cond per sample: tensors are split along
+    their first axis, lists element by element; other fields (None, a float guidance) are shared."""
+    import dataclasses
+
+    values = {f.name: getattr(cond, f.name) for f in dataclasses.fields(cond)}
+    n = next(len(v) for v in values.values() if isinstance(v, (Tensor, list)))
+
+    def row(v, i):
+        if isinstance(v, Tensor):
+            return v[i : i + 1]
+        if isinstance(v, list):
+            return [v[i]]
+        return v
+
+    return [type(cond)(**{k: row(v, i) for k, v in values.items()}) for i in range(n)]
+
+
+def cond_stack(rows: list):
+    """The inverse of :func:`cond_rows`: one batched Cond from single-sample ones."""
+    import dataclasses
+
+    first = rows[0]
+    out = {}
+    for f in dataclasses.fields(first):
+        v = getattr(first, f.name)
+        if isinstance(v, Tensor):
+            out[f.name] = torch.cat([getattr(r, f.name) for r in rows])
+        elif isinstance(v, list):
+            out[f.name] = [x for r in rows for x in getattr(r, f.name)]
+        else:
+            out[f.name] = v
+    return type(first)(**out)
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 

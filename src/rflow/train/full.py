@@ -21,6 +21,7 @@ folder with the EMA weights, written at the end).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,7 +35,7 @@ import torch
 from .. import shapes
 from ..checkpoints.io import open_weights, save_safetensors
 from ..errors import NonFiniteError, UserError
-from ..families.flux1 import Cond
+from ..families.base import cond_rows, cond_stack
 from ..pipeline import Pipeline, save_pipeline
 
 STATE_FILE = "train_state.safetensors"
@@ -67,6 +68,16 @@ class TrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def export_path(out: Path, source: Path | None) -> Path:
+    """Where a run in ``out`` writes its model: ``model/`` (rflow pipeline folder) or ``model.safetensors``
+    (a transformer file, for a source that is not an rflow pipeline folder)."""
+    from ..paths import RFLOW_PIPELINE, source_layout
+
+    if source is None or source_layout(source) == RFLOW_PIPELINE:
+        return Path(out) / "model"
+    return Path(out) / "model.safetensors"
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
 
@@ -79,24 +90,29 @@ def shapes_batch(seed: int, step: int, batch: int) -> tuple[torch.Tensor, list[s
 
 
 class TextCache:
-    """Frozen text encoders evaluated once per distinct caption."""
+    """Frozen text encoders evaluated once per distinct caption; returns the family's conditioning."""
 
     def __init__(self, pipe: Pipeline):
         self.pipe, self.cache = pipe, {}
 
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, captions: list[str]):
         new = sorted({c for c in captions if c not in self.cache})
         if new:
-            seq, pooled = self.pipe.encode_prompt(new, self.pipe.max_sequence_length)
-            for i, c in enumerate(new):
-                self.cache[c] = (seq[i], pooled[i])
-        return torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions])
+            with torch.no_grad():
+                rows = cond_rows(self.pipe.encode(new))
+            self.cache.update(zip(new, rows))
+        return cond_stack([self.cache[c] for c in captions])
 
 
 class Trainer:
+    """``source``: the model path the pipeline was loaded from, when training starts from a model (any
+    family); the result is then written like it (rflow.compress.save). Without it the pipeline is a
+    fresh rflow-tiny and the result an rflow pipeline folder."""
+
     def __init__(self, pipe: Pipeline, cfg: TrainConfig, out: Path,
-                 data: Callable[[int, int, int], tuple[torch.Tensor, list[str]]] = shapes_batch):
-        self.pipe, self.cfg, self.out, self.data = pipe, cfg, Path(out), data
+                 data: Callable[[int, int, int], tuple[torch.Tensor, list[str]]] = shapes_batch,
+                 source: Path | None = None):
+        self.pipe, self.cfg, self.out, self.data, self.source = pipe, cfg, Path(out), data, source
         self.model = pipe.transformer.train().requires_grad_(True)
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         decay, no_decay = [], []
@@ -116,18 +132,20 @@ class Trainer:
         B = images.shape[0]
         drop = torch.rand(B, generator=g) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        txt, vec = self.text(captions)
+        cond = self.text(captions)
         with torch.no_grad():
             x0 = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).float()
         t = torch.sigmoid(torch.randn(B, generator=g) * cfg.logit_std + cfg.logit_mean).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         lo, hi = cfg.guidance_range
         guidance = (lo + (hi - lo) * torch.rand(B, generator=g)).to(dev)
-        tb = t.view(B, 1, 1, 1)
+        if pipe.has_guidance_embedder():  # a distilled-guidance model learns every scale of the range
+            cond = dataclasses.replace(cond, guidance=guidance)
+        tb = t.view(B, *([1] * (x0.ndim - 1)))
         xt = (1 - tb) * x0 + tb * noise
         denoiser = pipe.denoiser
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            v = denoiser(xt, t, Cond(txt.to(dev), vec.to(dev), guidance))
+            v = denoiser(xt, t, cond.to(dev))
         # the velocity error of a data-predicting model is its x0 error over t, which makes nearly clean
         # samples dominate the loss; the family's weight bounds that (see the module docstring)
         err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
@@ -204,11 +222,17 @@ class Trainer:
         self.step, self.log = int(meta["step"]), list(meta["log"])
 
     def export(self, path: Path, extra: dict | None = None) -> Path:
-        """Write the EMA weights as an rflow pipeline folder."""
+        """Write the EMA weights: an rflow pipeline folder, or (training started from ``source``) a model
+        like the source (:func:`export_path` gives the name)."""
         live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict({k: v.to(live[k].dtype) for k, v in self.ema.items()})
         self.model.eval().requires_grad_(False)
         try:
+            if self.source is not None:
+                from ..compress.save import save_transformer_like
+
+                return save_transformer_like(self.source, self.model, path, force=True,
+                                             metadata={"rflow.training": extra or {}}).path
             return save_pipeline(self.pipe, path, extra=extra)
         finally:
             self.model.load_state_dict(live)
