@@ -70,3 +70,39 @@ def check_plan_sources(plan: Plan, keys, what: str) -> None:
     missing = [s for srcs, _ in plan.values() for s in srcs if s not in keyset]
     if missing:
         raise UserError(f"{what} checkpoint is missing {missing[0]!r}")
+
+
+def check_against_model(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], plan: Plan,
+                        source_shapes: dict[str, tuple[int, ...]], *, title: str, model: str,
+                        why: Callable[[str], str], part_rows: Callable[[str, tuple[int, ...], int], list[int]] | None = None,
+                        label: Callable[[str], str] | None = None, missing_name: Callable[[str], str] | None = None) -> None:
+    """Every tensor of a model built from the inferred config (``expected``: its keys and shapes) is in the
+    checkpoint with exactly that shape, and the checkpoint has no other: else one UserError naming the
+    checkpoint's own tensor.
+
+    ``title``: the family ("FLUX.1"); ``model``: what the config describes ("a FLUX.1 transformer with 19
+    double and 38 single blocks"); ``why(key)``: what a shape follows from ("for hidden size 3072");
+    ``part_rows(key, shape, n)``: the rows of each of the n sources a mapped key concatenates (default:
+    equal parts); ``label(key)`` / ``missing_name(key)``: how to name a model key in messages."""
+    from .io import tensor_kind
+
+    label = label or (lambda k: k)
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{title} checkpoint is missing {(missing_name or label)(missing[0])!r}{more}")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise UserError(f"unexpected tensor {label(extra[0])!r} for {model}")
+    for k, want in expected.items():
+        srcs = plan[k][0]
+        if len(srcs) == 1:
+            parts = [(srcs[0], want)]
+        else:
+            rows = part_rows(k, want, len(srcs)) if part_rows else [want[0] // len(srcs)] * len(srcs)
+            parts = [(s, (r,) + tuple(want[1:])) for s, r in zip(srcs, rows)]
+        for s, w in parts:
+            got = tuple(source_shapes[s])
+            if got != w:
+                what = f"expected a {len(w)}-D {tensor_kind(k)}" if len(got) != len(w) else f"expected {w} {why(k)}"
+                raise UserError(f"{s} has shape {got}, {what}")

@@ -20,7 +20,7 @@ import re
 import torch
 
 from ..checkpoints.io import majority, tensor_kind
-from ..checkpoints.plan import Plan, block_indices, cat, one, swap_halves
+from ..checkpoints.plan import Plan, block_indices, cat, check_against_model, one, swap_halves
 from ..errors import UserError
 from ..models.flux import Flux, FluxConfig
 
@@ -274,29 +274,10 @@ def infer_config(
     except (TypeError, ValueError) as e:
         raise UserError(f"inconsistent FLUX.1 checkpoint: {e}") from None
 
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"FLUX.1 checkpoint is missing {missing[0]!r}{more}")
-    extra = [k for k in shapes if k not in expected]
-    if extra:
-        raise UserError(
-            f"unexpected tensor {label(extra[0])!r} for a FLUX.1 transformer with {config.depth} double and "
-            f"{config.depth_single} single blocks"
-        )
-    for k, want in expected.items():
-        srcs = plan[k][0]
-        if len(srcs) == 1:
-            parts = [(srcs[0], want)]
-        else:  # q, k, v (and a single block's MLP input) concatenated: each part but the last is hidden-sized
-            rows = [hidden] * (len(srcs) - 1)
-            parts = [(s, (r,) + want[1:]) for s, r in zip(srcs, rows + [want[0] - sum(rows)])]
-        for s, w in parts:
-            got = tuple(source_shapes[s])
-            if got != w:
-                why = f"expected a {len(w)}-D {tensor_kind(k)}" if len(got) != len(w) else f"expected {w} {_why(k, config)}"
-                raise UserError(f"{s} has shape {got}, {why}")
+    rows = lambda k, want, n: [hidden] * (n - 1) + [want[0] - hidden * (n - 1)]  # noqa: E731 (q, k, v hidden-sized)
+    check_against_model(expected_shapes(config), shapes, plan, source_shapes, title="FLUX.1",
+                        model=f"a FLUX.1 transformer with {config.depth} double and {config.depth_single} single blocks",
+                        why=lambda k: _why(k, config), part_rows=rows, label=label)
     return config
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints.io import majority, tensor_kind
-from ..checkpoints.plan import Plan, block_indices, cat, check_plan_sources, identity_plan, one, swap_halves
+from ..checkpoints.plan import Plan, block_indices, cat, check_against_model, check_plan_sources, identity_plan, one, swap_halves
 from ..errors import UserError
 from ..models.flux2 import Flux2, Flux2Config, image_ids, pack, unpack
 from .base import LatentSpec, LayerRef, Slice, sigma_vector
@@ -131,14 +131,9 @@ def overrides(metadata: dict[str, str], diffusers_config: dict | None = None) ->
     for theirs, ours in (("axes_dims_rope", "axes_dim"), ("rope_theta", "theta")):
         if diffusers_config and theirs in diffusers_config:
             out[ours] = diffusers_config[theirs]
-    if CONFIG_METADATA_KEY in metadata:
-        try:
-            meta = json.loads(metadata[CONFIG_METADATA_KEY])
-        except json.JSONDecodeError:
-            raise UserError(f"invalid {CONFIG_METADATA_KEY} metadata (not JSON)") from None
-        if not isinstance(meta, dict):
-            raise UserError(f"invalid {CONFIG_METADATA_KEY} metadata (expected a JSON object)")
-        out.update(meta)
+    from ..checkpoints.loader import metadata_overrides
+
+    out.update(metadata_overrides(metadata, CONFIG_METADATA_KEY))
     return out
 
 
@@ -263,24 +258,11 @@ def infer_config(shapes: dict[str, tuple[int, ...]], overrides: dict | None = No
     except (TypeError, ValueError) as e:
         raise UserError(f"inconsistent FLUX.2 checkpoint: {e}") from None
 
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"FLUX.2 checkpoint is missing {missing[0]!r}{more}")
-    extra = [k for k in shapes if k not in expected]
-    if extra:
-        raise UserError(f"unexpected tensor {label(extra[0])!r} for a FLUX.2 transformer with {config.depth} double "
-                        f"and {config.depth_single} single blocks")
-    for k, want in expected.items():
-        srcs = plan[k][0]
-        n = len(srcs)  # diffusers' separate q, k, v are checked one by one
-        parts = [(s, (want[0] // n,) + want[1:]) for s in srcs] if n > 1 else [(srcs[0], want)]
-        for s, w in parts:
-            got = tuple(source_shapes[s])
-            if got != w:
-                raise UserError(f"{s} has shape {got}, expected {w} for hidden size {hidden}, {config.num_heads} heads"
-                                + (f" and MLP width {_block_width(k, config)}" if _block_width(k, config) else ""))
+    check_against_model(
+        expected_shapes(config), shapes, plan, source_shapes, title="FLUX.2", label=label,
+        model=f"a FLUX.2 transformer with {config.depth} double and {config.depth_single} single blocks",
+        why=lambda k: f"for hidden size {hidden}, {config.num_heads} heads"
+        + (f" and MLP width {_block_width(k, config)}" if _block_width(k, config) else ""))
     return config
 
 

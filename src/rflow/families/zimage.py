@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints.io import majority, tensor_kind
-from ..checkpoints.plan import Plan, block_indices, cat, check_plan_sources, identity_plan, one
+from ..checkpoints.plan import Plan, block_indices, cat, check_against_model, check_plan_sources, identity_plan, one
 from ..errors import UserError
 from ..models.zimage import ZImage, ZImageConfig, default_mlp_width
 from .base import LatentSpec, LayerRef, Slice, sigma_vector
@@ -273,25 +273,12 @@ def infer_config(
     except (TypeError, ValueError) as e:
         raise UserError(f"inconsistent Z-Image checkpoint: {e}") from None
 
-    expected = expected_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        mapped = any(srcs != [k] for k, (srcs, _) in plan.items())
-        name = _diffusers_name(missing[0], config) if mapped else missing[0]
-        raise UserError(f"Z-Image checkpoint is missing {name!r}{more}")
-    extra = [k for k in shapes if k not in expected]
-    if extra:
-        raise UserError(f"unexpected tensor {label(extra[0])!r} for a Z-Image transformer with {config.n_layers} layers, "
-                        f"{len(config.noise_refiner_mlp)} noise and {len(config.context_refiner_mlp)} context refiner layers")
-    for k, want in expected.items():
-        srcs = plan[k][0]
-        parts = [(srcs[0], want)] if len(srcs) == 1 else [(s, (want[0] // len(srcs),) + want[1:]) for s in srcs]
-        for s, w in parts:
-            got = tuple(source_shapes[s])
-            if got != w:
-                why = f"expected a {len(w)}-D {tensor_kind(k)}" if len(got) != len(w) else f"expected {w} {_why(k, config)}"
-                raise UserError(f"{s} has shape {got}, {why}")
+    mapped = any(srcs != [k] for k, (srcs, _) in plan.items())
+    check_against_model(
+        expected_shapes(config), shapes, plan, source_shapes, title="Z-Image", label=label,
+        model=f"a Z-Image transformer with {config.n_layers} layers, {len(config.noise_refiner_mlp)} noise and "
+              f"{len(config.context_refiner_mlp)} context refiner layers",
+        why=lambda k: _why(k, config), missing_name=(lambda k: _diffusers_name(k, config)) if mapped else None)
     return config
 
 
