@@ -23,10 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import rflow  # noqa: E402
-from rflow import shapes  # noqa: E402
+from rflow.world import shapes  # noqa: E402
 from rflow.checkpoints.io import open_weights  # noqa: E402
 from rflow.outputs import atomic_write_bytes  # noqa: E402
-from rflow.evaluate import evaluate  # noqa: E402
+from rflow.world.evaluate import evaluate  # noqa: E402
 from rflow.sampling import SOLVERS  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rflow import tiny
+from rflow.world import tiny
 from rflow.cli import main
 from rflow.compress.analyze import ActivationCounter, accumulate, analyze
 from rflow.compress.calibration import calibration_prompts

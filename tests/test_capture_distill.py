@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rflow
-from rflow import shapes, tiny
+from rflow.world import shapes, tiny
 from rflow.checkpoints.flux import load_flux
 from rflow.checkpoints.io import open_weights, save_safetensors
 from rflow.cli import main

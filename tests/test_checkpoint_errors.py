@@ -20,7 +20,7 @@ from rflow.errors import UserError
 from rflow.models.codec import PixelUnshuffleCodec
 from rflow.models.flux import Flux, FluxConfig
 from rflow.models.vae import AutoEncoder, VAEConfig
-from rflow.tiny import DEFAULT_MODEL_DIR
+from rflow.world.tiny import DEFAULT_MODEL_DIR
 
 HIDDEN = 64  # 2 heads of 32
 # Per-block MLP widths differ, as in a pruned model.
@@ -235,7 +235,7 @@ def test_corrupt_diffusers_vae(tmp_path, vae_state):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from rflow.tiny import build
+    from rflow.world.tiny import build
 
     return build()
 
@@ -246,7 +246,7 @@ def test_parts_fit(tiny):
 
 
 def test_parts_do_not_fit(tiny):
-    from rflow.tiny import build_text_encoders
+    from rflow.world.tiny import build_text_encoders
 
     cfg = tiny.transformer.config
     with pytest.raises(UserError) as e:

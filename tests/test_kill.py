@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from rflow.cli import main
-from rflow.tiny import DEFAULT_MODEL_DIR
+from rflow.world.tiny import DEFAULT_MODEL_DIR
 
 PROMPT = "a large red circle on the left on a white background"
 TMP_TAG = ".rflow-tmp-"
@@ -155,7 +155,7 @@ def load_png(p: Path) -> None:
 
 
 def load_train_state(run: Path, at_least: int) -> int:
-    from rflow import tiny
+    from rflow.world import tiny
     from rflow.checkpoints.io import open_weights
     from rflow.train.full import STATE_FILE, TrainConfig, Trainer
 

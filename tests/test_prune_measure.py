@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import rflow
 from rflow.families.base import Guidance, guided
-from rflow import tiny
+from rflow.world import tiny
 from rflow.checkpoints.flux import CONFIG_METADATA_KEY, FluxCheckpoint, load_flux
 from rflow.cli import main
 from rflow.compress.measure import measure, reference_trajectories, sensitivity, zeroed

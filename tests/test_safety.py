@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rflow.cli import main
-from rflow.tiny import DEFAULT_MODEL_DIR
+from rflow.world.tiny import DEFAULT_MODEL_DIR
 
 PROMPT = "a large red circle on the left on a white background"
 
@@ -213,7 +213,7 @@ def test_sampling_names_the_first_bad_step():
 
 
 def test_training_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path):
-    from rflow import tiny
+    from rflow.world import tiny
     from rflow.errors import NonFiniteError
     from rflow.train.full import STATE_FILE, TrainConfig, Trainer
 
@@ -525,7 +525,7 @@ def test_reversed_ranges_say_so(capsys, tmp_path, argv, fragment):
 
 
 def test_strength_zero_keeps_the_image(tmp_path, capsys):
-    from rflow import shapes
+    from rflow.world import shapes
 
     src = tmp_path / "src.png"
     shapes.samples(1, seed=3)[0][0].save(src)

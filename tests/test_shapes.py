@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from rflow import shapes as S
+from rflow.world import shapes as S
 from rflow.errors import UserError
 
 

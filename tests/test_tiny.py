@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rflow
-from rflow import tiny
+from rflow.world import tiny
 from rflow.errors import UserError
 from rflow.models.codec import PixelUnshuffleCodec
 from rflow.pipeline import save_pipeline
@@ -26,7 +26,7 @@ def test_codec_is_exactly_invertible():
 
 
 def test_vocabulary_covers_grammar_and_reserved_words():
-    from rflow import shapes
+    from rflow.world import shapes
 
     vocab = set(tiny.vocabulary())
     for p in shapes.prompts(200, seed=3, split="any"):

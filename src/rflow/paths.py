@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import UserError
 
 EMBEDDED = ("rflow-tiny",)
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "rflow-tiny"  # the shipped rflow-tiny pipeline folder
 MANIFEST = "rflow_pipeline.json"
 TRANSFORMER_FILE = "transformer.safetensors"
 
@@ -23,12 +24,17 @@ TRANSFORMER_FOLDER = "transformer-folder"
 SINGLE_FILE = "single-file"
 
 
+def embedded_model_dir() -> Path:
+    """The shipped rflow-tiny pipeline folder (the default model everywhere)."""
+    if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
+        raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR})")
+    return DEFAULT_MODEL_DIR
+
+
 def resolve_model(path: str | os.PathLike | None) -> Path:
     """A model path as given, ``~`` expanded; ``None`` or ``rflow-tiny`` (when no such file exists) is the
     embedded model."""
     if path is None or (str(path) in EMBEDDED and not Path(path).exists()):
-        from .tiny import embedded_model_dir
-
         return embedded_model_dir()
     return Path(path).expanduser()
 
@@ -36,8 +42,6 @@ def resolve_model(path: str | os.PathLike | None) -> Path:
 def model_name(path: str | os.PathLike | None) -> str:
     """How to show a model path in reports: the embedded model by its name."""
     p = resolve_model(path)
-    from .tiny import DEFAULT_MODEL_DIR
-
     return "rflow-tiny" if p.resolve() == DEFAULT_MODEL_DIR.resolve() else str(path)
 
 

@@ -248,7 +248,7 @@ class Pipeline:
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn about prompts the text encoders will cut, and prompts outside the model's grammar."""
         if self.grammar == "shapes":
-            from . import shapes
+            from .world import shapes
 
             for p in dict.fromkeys(prompts):
                 if p:
@@ -318,8 +318,20 @@ def parse_dtype(name: str) -> torch.dtype:
         raise UserError(f"unknown dtype {name!r}; choose from fp32, bf16, fp16") from None
 
 
-from .paths import MANIFEST  # noqa: E402,F401  (re-exported)
-from .loading import PIPELINE_FORMAT_VERSION, load, load_rflow_pipeline, save_pipeline  # noqa: E402  (re-exported)
+from .paths import MANIFEST  # noqa: E402  (re-exported)
 
-__all__ = ["MANIFEST", "OUTPUT_TYPES", "PIPELINE_FORMAT_VERSION", "Pipeline", "Schedule", "default_device", "default_dtype", "load",
-           "load_rflow_pipeline", "parse_dtype", "save_pipeline"]
+_FROM_LOADING = ("PIPELINE_FORMAT_VERSION", "load", "load_rflow_pipeline", "save_pipeline")
+
+
+def __getattr__(name: str):
+    """``load``, ``save_pipeline`` … live in :mod:`rflow.loading` (which imports this module); they are
+    reachable from here too, as they always were."""
+    if name in _FROM_LOADING:
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MANIFEST", "OUTPUT_TYPES", "Pipeline", "Schedule", "default_device", "default_dtype", "parse_dtype",
+           *_FROM_LOADING]

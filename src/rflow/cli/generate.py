@@ -174,9 +174,10 @@ def eval_(
     device: Optional[str] = typer.Option(None, "--device"),
 ):
     """Score a model's adherence to shapes-world prompts: overall, per attribute, held-out pairs."""
-    from .. import options, shapes
+    from .. import options
+    from ..world import shapes
     from ..compress.workload import read_prompts
-    from ..evaluate import evaluate
+    from ..world.evaluate import evaluate
     from ..outputs import check_output, replacing
     from ..paths import resolve_model
     from ..pipeline import load
@@ -241,7 +242,9 @@ def train(
     matching, AdamW, EMA); atomic checkpoints, exact resume."""
     import time
 
-    from .. import options, tiny
+    from .. import options
+
+    from ..world import tiny
     from ..outputs import check_output
     from ..train.full import STATE_FILE, TrainConfig, Trainer, export_path
 

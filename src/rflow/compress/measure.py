@@ -9,7 +9,7 @@ Three numbers, all against the reference model on one workload:
 - **latent MSE** — both pipelines generate from the same noise (each with its own text encoders and
   schedule), and the final latents are compared.
 - **adherence** — for shapes-world models (rflow-tiny), both final images are scored with
-  :func:`rflow.shapes.score`.
+  :func:`rflow.world.shapes.score`.
 
 ``velocity_rel_mse`` is Σ(v − v_ref)² / Σv_ref²: scale-free, comparable across models.
 
@@ -182,7 +182,7 @@ def _adherence_wanted(model_pipe, workload: Workload, adherence: bool | None) ->
         return adherence
     if not (workload.source == "shapes" or str(model_pipe.name).startswith("rflow-tiny")):
         return False
-    from .. import shapes
+    from ..world import shapes
 
     try:  # prompts outside the shapes grammar (a prompt file) cannot be scored
         for p in workload.prompts:
@@ -241,7 +241,7 @@ def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float |
     res["latent_mse"] = _mean(latent_mse)
     res["latent_mse_max"] = max(latent_mse) if latent_mse else float("nan")
     if want_adherence:
-        from .. import shapes
+        from ..world import shapes
 
         rm = shapes.score(images_m, prompts)
         rr = shapes.score(images_r, prompts)

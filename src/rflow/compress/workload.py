@@ -116,7 +116,7 @@ def make_workload(*, prompts_file: str | os.PathLike | None = None, shapes_n: in
         prompts, source = read_prompts(prompts_file), f"file:{Path(prompts_file).name}"
     elif shapes_n is not None:
         integer(shapes_n, "--shapes", low=1, high=MAX_PROMPTS)
-        from .. import shapes
+        from ..world import shapes
 
         prompts, source = shapes.prompts(shapes_n, seed=seed, split="train"), "shapes"
     else:

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import shapes
+from ..world import shapes
 from ..checkpoints.io import open_weights, save_safetensors
 from ..errors import NonFiniteError, UserError
 from ..families.base import cond_rows, cond_stack

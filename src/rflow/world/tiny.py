@@ -14,28 +14,18 @@ same velocity interface as FLUX.1.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from . import shapes
-from .errors import UserError
-from .models.codec import PixelUnshuffleCodec
-from .models.flux import Flux, FluxConfig
-from .models.text import TextEncoders, build_word_tokenizer
+from ..models.codec import PixelUnshuffleCodec
+from ..models.flux import Flux, FluxConfig
+from ..models.text import TextEncoders, build_word_tokenizer
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "rflow-tiny"
+from ..paths import DEFAULT_MODEL_DIR, embedded_model_dir  # noqa: F401  (where the embedded model lives)
+
 TEXT_DIM = 64
 MAX_SEQUENCE_LENGTH = 24
-
-
-def embedded_model_dir() -> Path:
-    """The shipped rflow-tiny pipeline folder (the default model everywhere)."""
-    from .pipeline import MANIFEST
-
-    if not (DEFAULT_MODEL_DIR / MANIFEST).exists():
-        raise UserError(f"the embedded rflow-tiny model is missing from this install ({DEFAULT_MODEL_DIR})")
-    return DEFAULT_MODEL_DIR
 
 
 def vocabulary() -> list[str]:
@@ -78,7 +68,7 @@ def build_text_encoders(seed: int = 0) -> TextEncoders:
 
 def build(seed: int = 0, **config_kw):
     """A random-weight rflow-tiny :class:`~rflow.pipeline.Pipeline` (the starting point of training)."""
-    from .pipeline import Pipeline, Schedule
+    from ..pipeline import Pipeline, Schedule
 
     torch.manual_seed(seed)
     cfg = transformer_config(**config_kw)

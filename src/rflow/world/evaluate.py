@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import shapes
-from .pipeline import Pipeline
+from ..pipeline import Pipeline
 
 EVAL_SEED_OFFSET = 1_000_000  # eval prompt seeds never coincide with training-step seeds of small runs
 
