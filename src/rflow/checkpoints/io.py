@@ -97,13 +97,17 @@ class SafetensorsFiles:
     def dtypes(self) -> dict[str, torch.dtype]:
         return self._dtypes
 
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor; float8 is upcast (to ``dtype`` or bfloat16), other tensors cast to ``dtype`` if given."""
+    def get_stored(self, key: str) -> torch.Tensor:
+        """Read one tensor exactly as stored (float8 stays float8)."""
         i = self._where[key]
         try:
-            t = self._handles[i].get_tensor(key)
+            return self._handles[i].get_tensor(key)
         except Exception as e:
             raise UserError(f"{self.paths[i]}: cannot read tensor {key!r}: corrupt or truncated file ({_short(e)})") from None
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor; float8 is upcast (to ``dtype`` or bfloat16), other tensors cast to ``dtype`` if given."""
+        t = self.get_stored(key)
         if t.dtype in _FLOAT8:
             t = t.to(dtype or torch.bfloat16)
         elif dtype is not None and t.is_floating_point():

@@ -164,7 +164,7 @@ class Checkpoint:
     def raw_tensor(self, key: str) -> torch.Tensor:
         """A model key's tensor in its stored dtype (float8 stays float8)."""
         srcs, fn = self.plan[key]
-        return fn([self.files._handles[self.files._where[s]].get_tensor(s) for s in srcs])
+        return fn([self.files.get_stored(s) for s in srcs])
 
     def fingerprint(self) -> str:
         """Content fingerprint of the tensors under the family's own names (16 hex digits): a renamed or

@@ -1,0 +1,93 @@
+"""The one loader: a LoadPlan decides where each tensor lands and may build a layer's module itself
+(what quantization and offload plug into), without any family knowing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flux_ref import diffusers_inputs, save_bfl, tiny_transformer
+from rflow.checkpoints.loader import Checkpoint, LoadPlan, load_transformer
+from rflow.errors import UserError
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory):
+    ref = tiny_transformer(depth=1, depth_single=1)
+    path = tmp_path_factory.mktemp("loader") / "flux.safetensors"
+    save_bfl(ref, path)
+    return ref, path
+
+
+class UpcastLinear(nn.Module):
+    """A stand-in for a quantized layer: keeps its weight in the stored (narrow) dtype, computes in float32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_stored", weight)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight_stored.to(x.dtype), self.bias)
+
+
+def test_default_plan_loads_every_family_the_same_way(flux_file):
+    ref, path = flux_file
+    model, info = load_transformer(path, dtype=torch.float32)
+    assert info.family_kind == "flux1" and info.format == "bfl"
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    with Checkpoint(path) as ck:
+        assert ck.family.NAME == "flux1" and ck.stored_dtype() == torch.float32
+
+
+def test_tensor_placement_sets_dtype_per_tensor(flux_file):
+    _, path = flux_file
+    half = lambda k: (None, torch.float16) if k.startswith("double_blocks.0.img_mlp.") else None  # noqa: E731
+    model, _ = load_transformer(path, plan=LoadPlan(dtype=torch.float32, tensor_placement=half))
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float16 if name.startswith("double_blocks.0.img_mlp.") else torch.float32), name
+
+
+@pytest.mark.skipif(FP8 is None, reason="this torch has no float8_e4m3fn")
+def test_stored_float8_reaches_a_layer_hook(flux_file, tmp_path):
+    ref, path = flux_file
+    sd = load_file(str(path))
+    mlp = [k for k in sd if k.endswith("mlp.0.weight")]
+    fp8 = {k: (v.to(FP8) if k in mlp else v) for k, v in sd.items()}
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+
+    stored = lambda k: (None, "stored") if k in mlp else None  # noqa: E731
+    seen = {}
+
+    def build(name, linear, tensors):
+        if tensors["weight"].dtype != FP8:
+            return None
+        seen[name] = tuple(tensors["weight"].shape)
+        assert isinstance(linear, nn.Linear) and tuple(linear.weight.shape) == seen[name]
+        return UpcastLinear(tensors["weight"], tensors.get("bias"))
+
+    model, _ = load_transformer(tmp_path / "fp8.safetensors",
+                                plan=LoadPlan(dtype=torch.float32, tensor_placement=stored, build_layer=build))
+    assert sorted(f"{n}.weight" for n in seen) == sorted(mlp)
+    for n in seen:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, UpcastLinear) and layer.weight_stored.dtype == FP8
+
+    # the same function as upcasting everything at load time (the default for float8)
+    upcast, _ = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    assert isinstance(upcast.get_submodule(next(iter(seen))), nn.Linear)
+    _, args = diffusers_inputs(ref, h=2, w=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args), upcast(*args), rtol=0, atol=0)
+
+
+def test_wrong_family_is_one_line(flux_file):
+    _, path = flux_file
+    with pytest.raises(UserError, match="not a Z-Image transformer checkpoint"):
+        Checkpoint(path, family="zimage")
+    with pytest.raises(UserError, match="unknown model family 'sd3'"):
+        Checkpoint(path, family="sd3")
