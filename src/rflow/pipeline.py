@@ -105,10 +105,6 @@ class Pipeline:
             return None
         return DEFAULT_GUIDANCE if guidance is None else float(guidance)
 
-    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
-        """FLUX.1's (T5 sequence, pooled CLIP vector) for ``prompts``."""
-        return self.text_encoders.encode(prompts, max_sequence_length)
-
     def encode(self, prompts: list[str], max_sequence_length: int | None = None, guidance: float | None = None):
         """The family's conditioning for ``prompts`` (the ``cond`` its denoiser takes)."""
         return self.family_module.encode(self.text_encoders, prompts, max_sequence_length or self.max_sequence_length,
