@@ -81,6 +81,8 @@ def test_klein_reference_images(capsys, tmp_path, models):
     ("zimage", ["--ref", "{img}"], "take no reference images"),
     ("zimage", ["--cfg-truncation", "1.5"], "--cfg-truncation"),
     ("zimage", ["--size", "62x62"], "multiple of"),
+    ("flux2", ["--size", "100000x100000"], "needs about"),  # refused before any work, with the estimate
+    ("zimage", ["--size", "100000x100000", "--batch", "4"], "needs about"),
 ])
 def test_family_errors_are_one_line(capsys, tmp_path, models, family, argv, fragment):
     img = tmp_path / "i.png"

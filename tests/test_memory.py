@@ -42,8 +42,11 @@ def flux_shaped():
     """A stand-in with FLUX.1-dev's shapes on CUDA in bfloat16; the VAE lives on the meta device (no memory)."""
     with torch.device("meta"):
         vae = AutoEncoder(VAEConfig()).to(torch.bfloat16)
+    from rflow.families import flux1
+
     return SimpleNamespace(transformer=SimpleNamespace(config=FluxConfig(), dtype=torch.bfloat16), vae=vae,
-                           device=torch.device("cuda", 0), latent_channels=16, max_sequence_length=512)
+                           device=torch.device("cuda", 0), latent_channels=16, max_sequence_length=512,
+                           latent_spec=flux1.latent_spec(FluxConfig(), 8), family_module=flux1)
 
 
 # ---------------------------------------------------------------------------------------------- the estimate

@@ -11,16 +11,17 @@ that names both. The estimate is arithmetic on Python ints (no tensor is allocat
     estimate = max over phases (1.5 · tensors + exact) + 64 MiB
 
 * **denoise**: the transformer forward over L = S + N tokens, S text tokens (``max_sequence_length``)
-  and N = (H/f/2)·(W/f/2) image tokens (f: the codec's downscale factor), for a batch of B. True CFG
-  (``cfg > 1``) runs the conditional and the unconditional forward one after the other
-  (:meth:`Pipeline.velocity_fn`), so it adds one velocity, not a second batch. Per token, with hidden
+  and N image tokens (the family's ``image_seq_len``: (H/16)·(W/16) for FLUX.1, FLUX.2 and Z-Image),
+  for a batch of B. True CFG (``cfg > 1``) runs the conditional and the unconditional forward one after
+  the other (:func:`rflow.families.base.guided`), so it adds one velocity, not a second batch. Per token, with hidden
   size D, MLP width M, head dim d and e bytes per activation::
 
       tokens = B · L · (max(e·(8D + 3M_single), e·(9D + 2M_double), e·10D + 12D) + 8d)
 
   8D + 3M is what a single-stream block holds when it concatenates attention and MLP (the block
   input, linear1's qkv + MLP output, normalised q and k, the attention output, the GELU output and the
-  concatenation); 9D + 2M the double-stream MLP; e·10D + 12D the joint attention with RoPE's float32
+  concatenation); 9D + 2M the double-stream MLP (9D + 4M for a SwiGLU MLP, FLUX.2 and Z-Image: its
+  2M-wide in-projection and the product; not calibrated by measurement); e·10D + 12D the joint attention with RoPE's float32
   temporaries; 8d the float32 RoPE table. Attention itself runs through
   ``scaled_dot_product_attention``'s fused kernels (flash on CPU and CUDA for these shapes), which do
   not build the L×L matrix. On the CPU reduced-precision activations count as float32 (e ≥ 4): its
@@ -33,8 +34,9 @@ that names both. The estimate is arithmetic on Python ints (no tensor is allocat
   mid-block attention over T = (H/f)·(W/f) positions is single-head with 512 channels and gets
   non-contiguous q/k/v, so SDPA takes its math kernel, which materialises the T×T scores in float32 —
   measured 9 bytes per score (scores, softmax, mask), counted as 10 and not scaled, as it is one exact
-  tensor. That term is why 4096x4096 cannot be decoded in one piece. The parameter-free pixel-unshuffle
-  codec (rflow-tiny) costs a few latent copies.
+  tensor. That term is why 4096x4096 cannot be decoded in one piece with FLUX.1's VAE; the FLUX.2 VAE
+  passes contiguous q/k/v (a fused kernel) and has none. The parameter-free pixel-unshuffle codec
+  (rflow-tiny) costs a few latent copies.
 * **output**: the image as float32 copies and uint8 arrays, 14 bytes per channel and pixel.
 
 The factor 1.5 and the 64 MiB cover allocator slack and workspaces, which measured 15–50 % above
@@ -47,14 +49,14 @@ is used with bfloat16 sizes (not measured here).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .models.flux import FluxConfig
-from .models.vae import AutoEncoder, VAEConfig
+from .models.vae import AutoEncoder
 
 SAFETY = 0.9  # refuse when the estimate exceeds this fraction of the free memory
 FIXED_OVERHEAD = 64 * 2**20
@@ -141,18 +143,18 @@ def estimate_generate_bytes(pipe, batch: int, width: int, height: int, cfg: floa
         if int(n) < 1:
             raise UserError(f"{what} must be ≥ 1, got {n}")
     batch, width, height = int(batch), int(width), int(height)
-    f = pipe.vae.downscale_factor
-    h, w = height // f, width // f
+    shape = pipe.latent_spec.shape(batch, height, width)
     txt = pipe.max_sequence_length if txt_len is None else int(txt_len)
-    latent = batch * pipe.latent_channels * h * w * 4  # float32 latents, as generate keeps them
-    tokens = batch * (txt + (h // 2) * (w // 2))
+    latent = 4 * math.prod(shape)  # float32 latents, as generate keeps them
+    tokens = batch * (txt + pipe.family_module.image_seq_len(shape))
     e = _activation_itemsize(pipe.transformer.dtype, pipe.device)
     denoise = tokens * _token_bytes(pipe.transformer.config, e) + (LATENT_COPIES + (cfg > 1)) * latent
     phases = [(denoise, 0), (latent + batch * 3 * width * height * OUTPUT_BYTES, 0)]
-    if isinstance(pipe.vae, AutoEncoder):
+    decoder = _decoder_shape(pipe.vae)
+    if decoder is not None:
         e_vae = pipe.vae.dtype.itemsize
         phases += [(2 * latent + batch * e_vae * elems, batch * exact)
-                   for elems, exact in _decoder_phases(pipe.vae.config, width, height)]
+                   for elems, exact in _decoder_phases(*decoder, width, height)]
     else:  # the pixel-unshuffle codec: a reshuffle of the latent
         phases.append((4 * latent, 0))
     return max(tensors + tensors // 2 + exact for tensors, exact in phases) + FIXED_OVERHEAD
@@ -163,15 +165,35 @@ def _activation_itemsize(dtype: torch.dtype, device: torch.device) -> int:
     return dtype.itemsize if device.type == "cuda" else max(dtype.itemsize, 4)
 
 
-def _token_bytes(c: FluxConfig, e: int) -> int:
-    """Peak bytes per token (and batch item) of one transformer block, plus the RoPE table."""
-    D = c.hidden_size
-    single = max(c.single_mlp, default=0)
-    double = max((max(p) for p in c.double_mlp), default=0)
-    block = max(e * (8 * D + 3 * single) if c.single_mlp else 0,
-                e * (9 * D + 2 * double) if c.double_mlp else 0,
+def _token_bytes(c, e: int) -> int:
+    """Peak bytes per token (and batch item) of one transformer block, plus the RoPE table. FLUX.1's
+    blocks as measured; SwiGLU MLPs (FLUX.2, Z-Image) hold their 2M-wide in-projection and the M-wide
+    product on top of the double-block terms."""
+    from .compress.units import layer_refs
+
+    D = getattr(c, "hidden_size", None) or c.dim
+    refs = layer_refs(c)
+    single = max((r.units for r in refs if r.stream == "single" and r.kind == "gelu"), default=0)
+    double = max((r.units for r in refs if r.kind == "gelu" and r.stream != "single"), default=0)
+    swiglu = max((r.units for r in refs if r.kind == "swiglu"), default=0)
+    block = max(e * (8 * D + 3 * single) if single else 0,
+                e * (9 * D + 2 * double) if double else 0,
+                e * (9 * D + 4 * swiglu) if swiglu else 0,
                 e * 10 * D + 12 * D)  # joint attention: q, k, v, their concatenations, RoPE float32 temporaries
     return block + 8 * c.head_dim
+
+
+def _decoder_shape(codec) -> tuple[list[int], bool, bool] | None:
+    """(level widths, mid-block attention, whether its T×T scores are materialised) of a codec's decoder;
+    None for a parameter-free codec. FLUX.1's VAE hands SDPA non-contiguous q/k/v (math kernel, scores
+    materialised); the FLUX.2 VAE's are contiguous (a fused kernel)."""
+    from .models.vae2 import Flux2Codec
+
+    if isinstance(codec, AutoEncoder):
+        return list(codec.config.widths), codec.config.mid_attention, True
+    if isinstance(codec, Flux2Codec):
+        return list(codec.config.dec_widths), codec.config.mid_attention, False
+    return None
 
 
 def _resnet_channels(cin: int, cout: int) -> int:
@@ -179,14 +201,15 @@ def _resnet_channels(cin: int, cout: int) -> int:
     return max(3 * cin + cout, cin + 4 * cout)
 
 
-def _decoder_phases(cfg: VAEConfig, width: int, height: int) -> list[tuple[int, int]]:
+def _decoder_phases(widths: list[int], mid_attention: bool, scores: bool, width: int,
+                    height: int) -> list[tuple[int, int]]:
     """(elements per image, exact bytes per image) of each decoder phase: mid block, every level."""
-    widths, n = cfg.widths, len(cfg.widths)
+    n = len(widths)
     pixels = [(height >> i) * (width >> i) for i in range(n)]  # level i works at 1/2**i resolution
     c, t = widths[-1], pixels[-1]
     phases = [(_resnet_channels(c, c) * t, 0)]
-    if cfg.mid_attention:  # x, norm, q, k, v, scaled q and k, output; plus the T×T scores
-        phases.append((8 * c * t, ATTENTION_SCORE_BYTES * t * t))
+    if mid_attention:  # x, norm, q, k, v, scaled q and k, output; plus the T×T scores unless fused
+        phases.append((8 * c * t, ATTENTION_SCORE_BYTES * t * t if scores else 0))
     for i in reversed(range(n)):
         cin, cout = widths[min(i + 1, n - 1)], widths[i]
         phases.append((max(_resnet_channels(cin, cout), _resnet_channels(cout, cout)) * pixels[i], 0))

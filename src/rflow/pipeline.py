@@ -238,8 +238,7 @@ class Pipeline:
         m = self.size_multiple
         if width <= 0 or height <= 0 or width % m or height % m:
             raise UserError(f"size {width}x{height} is not a positive multiple of {m} for this model")
-        if self.family == "flux1":  # the estimate is calibrated for FLUX.1-shaped models only
-            check_generate_memory(self, batch, width, height, cfg=cfg)
+        check_generate_memory(self, batch, width, height, cfg=cfg)
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn about prompts the text encoders will cut, and prompts outside the model's grammar."""
