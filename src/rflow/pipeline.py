@@ -25,7 +25,6 @@ from .models.flux import Flux
 from .models.text import TextEncoders
 
 OUTPUT_TYPES = ("pil", "latent", "pt", "np")
-DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance
 
 
 @dataclass
@@ -93,8 +92,8 @@ class Pipeline:
         return bool(getattr(self.transformer.config, "guidance_embed", False))
 
     def resolve_guidance(self, guidance: float | None) -> float | None:
-        """The distilled-guidance value to use: ``guidance`` checked, or 3.5 when None, for models with a
-        guidance embedder; None for models without one, where an explicit value is an error."""
+        """The distilled-guidance value to use: ``guidance`` checked, or the family's default when None
+        (3.5 for FLUX.1, 4.0 for FLUX.2-dev), for models with a guidance embedder; None for models without one, where an explicit value is an error."""
         from . import options
 
         options.guidance(guidance)
@@ -103,7 +102,7 @@ class Pipeline:
                 raise UserError(f"this model ({self.name}) has no guidance embedder: {flag('guidance')} does not "
                                 f"apply (use {flag('cfg')} for true CFG)")
             return None
-        return DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        return float(self.family_module.DEFAULT_GUIDANCE if guidance is None else guidance)
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None, guidance: float | None = None):
         """The family's conditioning for ``prompts`` (the ``cond`` its denoiser takes)."""

@@ -45,6 +45,7 @@ def plan(keys: list[str], layout: str, prefix: str = "") -> Plan:
 
 DEFAULT_SIZE = (1024, 1024)  # (width, height)
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens
+DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale (dev)
 CODEC_HELP = "ae.safetensors or a diffusers vae/ folder"
 TEXT_HELP = "text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/"
 
