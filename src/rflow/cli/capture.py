@@ -30,7 +30,7 @@ def register(app) -> None:
         steps: Optional[str] = typer.Option(None, "--steps", help="sampling steps: N, A-B or A,B,C (default 20)"),
         seed: int = typer.Option(0, "--seed"),
         every: int = typer.Option(1, "--every", help="keep every K-th sampling step"),
-        layers: Optional[str] = typer.Option(None, "--layers", help="layers to capture, e.g. 0-18,30-37 (default all)"),
+        layers: Optional[str] = typer.Option(None, "--layers", help="layers (blocks) to capture, e.g. 0-18,30-37 (default all)"),
         in_out_only: bool = typer.Option(False, "--in-out-only", help="only model-level inputs and outputs"),
         guidance: float | None = typer.Option(None, "--guidance", help="distilled guidance, default 3.5 (only models with a guidance embedder)"),
         cfg: float = typer.Option(1.0, "--cfg", help="true CFG scale; > 1 captures the unconditional calls too"),
@@ -41,7 +41,7 @@ def register(app) -> None:
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="model dtype: fp32 | bf16 | fp16"),
     ):
-        """Run prompts through a model and save block inputs/outputs for distillation and evaluation."""
+        """Run prompts through a model (any family) and save block inputs/outputs for distillation and evaluation."""
         from .. import options
         from ..compress.capture import capture, format_bytes, parse_bytes
         from ..compress.workload import make_workload, parse_sizes, parse_steps
@@ -103,7 +103,7 @@ def register(app) -> None:
         device: Optional[str] = typer.Option(None, "--device"),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     ):
-        """Retrain a pruned student's blocks to reproduce the teacher's captured block outputs."""
+        """Retrain a pruned student's blocks to reproduce the teacher's captured block outputs (any family)."""
         from .. import options
         from ..compress.capture import CaptureReader
         from ..compress.distill import TRAIN_MODES, distill
@@ -139,7 +139,7 @@ def register(app) -> None:
                    "batch": batch, "holdout": holdout, "seed": seed, "layers": report}
         with replacing_all([output, report_path]) as (tmp_patches, tmp_report):
             tensors, metadata = patch_tensors(patches, train=train, report=report, teacher_fingerprint=teacher_fp,
-                                              student_fingerprint=student_fp)
+                                              student_fingerprint=student_fp, family=reader.family)
             from ..checkpoints.io import save_safetensors
 
             save_safetensors(tensors, tmp_patches, metadata)
@@ -173,9 +173,12 @@ def register(app) -> None:
                                          "(the shapes must still match)"),
     ):
         """Write MODEL with PATCHES applied as a new model of the same kind."""
-        from ..compress.patches import write_patched
+        from ..compress.patches import write_patched_model
         from ..paths import resolve_model
 
-        print(write_patched(resolve_model(model), patches, output, force=force, any_student=any_student))
+        saved = write_patched_model(resolve_model(model), patches, output, force=force, any_student=any_student)
+        if saved.note:
+            console.print(saved.note, highlight=False)
+        print(saved.path)
 
     app.add_typer(patch_app, name="patch")

@@ -1,94 +1,115 @@
-"""Capture what a model computes while it samples: model inputs/outputs and per-block inputs/outputs.
+"""Capture what a model computes while it samples: the transformer's inputs and output, and the inputs and
+outputs of its residual blocks, for any family.
 
 ``capture(pipe, workload, out_dir, ...)`` runs the pipeline on every run of a
-:class:`~rflow.compress.workload.Workload` with forward hooks on the model, on the selected blocks and
-on ``final_layer`` (which receives the conditioning vector ``vec``), and for every ``every``-th
-sampling step writes one **record** per sample and model call.
+:class:`~rflow.compress.workload.Workload` with forward hooks on the transformer and on the selected
+blocks, and for every ``every``-th sampling step writes one **record** per model call (with true CFG,
+``cfg > 1``, the model runs twice per step and each call is its own record, ``branch`` "cond" or
+"uncond").
 
-A record holds (tensor names inside a shard are ``<record key>.<name>``, e.g. ``r000012.L3.img_in``):
+**Blocks.** A layer's block is the element of the model's outermost ``nn.ModuleList`` that holds its
+unit groups' activation modules (:func:`residual_blocks`; FLUX: ``double_blocks.{i}`` /
+``single_blocks.{i}``, Z-Image: ``layers.{i}``, ``noise_refiner.{i}``, ``context_refiner.{i}``). A
+block's first arguments are the token **streams** it updates and returns in the same order (FLUX
+double blocks: ``img, txt``; the others: ``x``); every other argument is **context** (FLUX.1's ``vec``,
+RoPE ``pe``, FLUX.2's shared modulations, Z-Image's ``mask`` and ``adaln``).
 
-* model level — ``img`` (packed image tokens, L×C·4), ``img_ids`` (L×3), ``txt`` (S×context_in_dim),
-  ``txt_ids`` (S×3), ``y`` (vec_in_dim), ``t`` (0-dim, float32), ``guidance`` (0-dim, float32; only
-  for models with a guidance embedder) and ``velocity`` (the model output, L×C·4);
-* ``vec`` — the conditioning vector every block gets (hidden), unless ``in_out_only``;
-* per selected layer ``L`` (unified index: double blocks first, then single blocks) — double blocks
-  ``L{L}.img_in``, ``L{L}.txt_in``, ``L{L}.img_out``, ``L{L}.txt_out``; single blocks ``L{L}.x_in``,
-  ``L{L}.x_out`` (x = [txt; img] tokens).
+**A record** (tensor names inside a shard are ``<record key>.<name>``, e.g. ``r000012.L3.img_in``):
 
-RoPE ``pe`` is not stored: :meth:`CaptureReader.pe` recomputes it from the ids with the model's
-``pe_embedder``, exactly as the model does. Float tensors are stored in the model's dtype unless
-``store_dtype`` says otherwise (``t``, ``guidance`` and the ids are always float32: the model reads
-them in float32). With true CFG (``cfg > 1``) the model runs twice per step; each call is its own
-record (``branch`` "cond" or "uncond").
+* the transformer's arguments under their parameter names (``timesteps`` is stored as ``t``),
+  sequence elements as ``<name>.<i>``, and its output as ``velocity`` (the raw output: x0 for rflow-tiny,
+  Z-Image's negated velocity);
+* per captured layer ``L``: ``L{L}.{stream}_in`` and ``L{L}.{stream}_out``;
+* every context tensor once per record, under its parameter name (``vec``, ``pe``; a second distinct
+  tensor of the same name is ``pe~2``). A context tensor equal to one stored with an earlier record
+  (RoPE tables of the same size, masks) is not stored again: the record's ``refs`` maps the name to
+  that tensor's key.
 
-Folder layout: ``index.json`` (schema ``rflow.capture``, version 1) and shards
-``shard-00000.safetensors``, ``shard-00001.safetensors`` … of at most ~``shard_bytes`` each. Every
-shard is written atomically and the index is rewritten atomically after it, so the index always lists
-exactly the complete shards on disk. Capture stops cleanly before the folder (shards + index) would
-grow past ``budget_bytes``.
+A leading axis of size 1 (the batch of one) is removed from every stored tensor except list elements
+(per-sample lists such as Z-Image's captions keep their shape); how to rebuild each call — which tensor
+goes where, which had its axis removed — is the record's **call structure** in the index
+(:mod:`rflow.compress.capture_format`). In FLUX.2 and Z-Image captures a block input that is the
+previous block's output is stored once (the structure names ``L{L-1}.x_out``): close to half the bytes.
+
+**Dtypes.** Streams and the output are stored in ``store_dtype`` (default: the model's dtype, which
+makes every replay exact); so are context tensors in the model's dtype, while other context (float32
+RoPE tables, boolean masks) keeps its dtype; transformer inputs are stored in ``store_dtype`` except
+per-sample scalars (``t``, ``guidance``) and integer-valued positions (ids), which keep their dtype:
+the model reads them in float32.
+
+**Folder.** ``index.json`` (schema ``rflow.capture``) and shards ``shard-00000.safetensors``, … of at
+most ~``shard_bytes`` each. Every shard is written atomically and the index is rewritten atomically
+after it, so the index always lists exactly the complete shards on disk. Capture stops cleanly before
+the folder (shards + index) would grow past ``budget_bytes``; a failed, interrupted or empty capture
+leaves an earlier one as it was (rflow.outputs).
+
+**Version.** 2 for FLUX.2 and Z-Image. FLUX.1 captures keep every tensor of the version-1 layout under
+its version-1 name (model inputs ``img, img_ids, txt, txt_ids, y, t, guidance``, ``vec`` in every record,
+each block's streams stored in full) and the record fields ``img_len`` / ``txt_len``, so they are marked
+version 1 and an older rflow reads them; the additions (``pe``, call structures) are ignored there.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import __version__
-from ..checkpoints.io import SafetensorsFiles, read_json, save_safetensors
 from ..errors import UserError
-from ..outputs import atomic_write_bytes, check_output, replacing
-from ..models.flux import Flux, FluxConfig
-from .units import parse_layers
+from ..outputs import check_output, replacing
+from .capture_format import INDEX, SCHEMA, VERSION, CaptureReader, Record, _BudgetReached, _Writer, digest, is_capture_dir
+from .units import family_of, layer_refs, n_layers, parse_layers
 
-SCHEMA = "rflow.capture"
-VERSION = 1
-INDEX = "index.json"
+__all__ = ["INDEX", "SCHEMA", "SHARD_BYTES", "VERSION", "CaptureReader", "Record", "capture", "format_bytes", "get_block",
+           "is_capture_dir", "layer_kind", "parse_bytes", "residual_blocks", "resolve_layers"]
+
 SHARD_BYTES = 256 * 1024 * 1024
-_SHARD_RE = re.compile(r"^shard-\d{5}\.safetensors$")
-MODEL_INPUTS = ("img", "img_ids", "txt", "txt_ids", "y", "t", "guidance")
+V1_FAMILY = "flux1"  # the family whose captures stay readable as version 1
+V1_ALWAYS_STORED = ("vec",)  # context a version-1 reader reads from every record
 
 
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def n_layers(config: FluxConfig) -> int:
-    return config.depth + config.depth_single
+def residual_blocks(model: nn.Module) -> dict[int, str]:
+    """Layer index (what ``--layers`` selects) -> qualified name of its residual block: the element of
+    the model's outermost ``nn.ModuleList`` that contains the layer's activation modules."""
+    candidates: list[tuple[str, nn.Module]] = []
+
+    def walk(mod: nn.Module, prefix: str) -> None:
+        for name, child in mod.named_children():
+            if isinstance(child, nn.ModuleList):
+                candidates.extend((f"{prefix}{name}.{i}", m) for i, m in enumerate(child))
+            else:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    owner = {id(m): qn for qn, block in candidates for m in block.modules()}
+    out: dict[int, str] = {}
+    for ref in layer_refs(model):
+        qn = owner.get(id(model.get_submodule(ref.act)))
+        if qn is None:
+            raise UserError(f"unit group {ref.name} is not inside a block of the model (no nn.ModuleList holds it)")
+        if out.setdefault(ref.layer, qn) != qn:
+            raise UserError(f"layer {ref.layer} spans two blocks ({out[ref.layer]}, {qn})")
+    return dict(sorted(out.items()))
 
 
-def layer_kind(config: FluxConfig, layer: int) -> str:
-    """"double" or "single" for a unified layer index."""
-    if not 0 <= layer < n_layers(config):
-        raise UserError(f"layer {layer} is outside 0-{n_layers(config) - 1}")
-    return "double" if layer < config.depth else "single"
+def get_block(model: nn.Module, layer: int) -> nn.Module:
+    blocks = residual_blocks(model)
+    if layer not in blocks:
+        raise UserError(f"layer {layer} is outside 0-{n_layers(model.config) - 1}")
+    return model.get_submodule(blocks[layer])
 
 
-def block_name(config: FluxConfig, layer: int) -> str:
-    """BFL key prefix of a layer's block: ``double_blocks.3`` or ``single_blocks.0``."""
-    return f"double_blocks.{layer}" if layer_kind(config, layer) == "double" else f"single_blocks.{layer - config.depth}"
-
-
-def get_block(model: Flux, layer: int) -> torch.nn.Module:
-    c = model.config
-    return model.double_blocks[layer] if layer_kind(c, layer) == "double" else model.single_blocks[layer - c.depth]
-
-
-def layer_io_names(config: FluxConfig, layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input names, output names) stored for a layer, in the block's argument / return order."""
-    if layer_kind(config, layer) == "double":
-        return ("img_in", "txt_in"), ("img_out", "txt_out")
-    return ("x_in",), ("x_out",)
-
-
-def resolve_layers(config: FluxConfig, layers) -> list[int]:
+def resolve_layers(config, layers) -> list[int]:
     """``None``/"all" -> every layer; a range string ("0-3,7") or an iterable of ints -> sorted, checked."""
     n = n_layers(config)
     if layers is None or isinstance(layers, str):
@@ -98,6 +119,13 @@ def resolve_layers(config: FluxConfig, layers) -> list[int]:
     if bad:
         raise UserError(f"layer {bad[0]} is outside 0-{n - 1}")
     return out
+
+
+def layer_kind(config, layer: int) -> str:
+    """What a layer is: FLUX's "double" / "single" blocks, else its stream ("main", "noise_refiner", …)."""
+    from .measure import layer_kind as kind
+
+    return kind(layer_refs(config), layer)
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -126,128 +154,122 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-# ---------------------------------------------------------------------------------------------- writing
-
-
-class _BudgetReached(Exception):
-    pass
-
-
-def _tensor_bytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _header_estimate(name: str, t: Tensor) -> int:
-    """Upper bound of a tensor's entry in a safetensors JSON header."""
-    return 64 + len(name) + 22 * max(1, t.ndim) + 2 * 22
-
-
-def is_capture_dir(path: Path) -> bool:
-    p = Path(path) / INDEX
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-class _Writer:
-    """Records -> shards + index, within a byte budget."""
-
-    def __init__(self, out: Path, header: dict, budget: int, shard_bytes: int):
-        self.out, self.header, self.budget, self.shard_bytes = out, header, budget, shard_bytes
-        self.shards: list[dict] = []
-        self.records: list[dict] = []  # records in written shards
-        self.pending: dict[str, Tensor] = {}
-        self.pending_records: list[dict] = []
-        self.pending_bytes = 0  # estimated file size of the pending shard
-        self.committed = 0  # bytes of shards on disk
-        self.stopped: str | None = None
-        self._index_base = len(self._index_json(complete=False)) + 256
-        self._index_records = 0  # estimated index bytes for records and shards
-
-    def _index_json(self, complete: bool) -> bytes:
-        idx = dict(self.header, complete=complete, stopped=self.stopped, total_bytes=self.committed,
-                   shards=self.shards, records=self.records)
-        return json.dumps(idx, indent=1).encode()
-
-    def write_index(self, complete: bool = False) -> None:
-        atomic_write_bytes(self.out / INDEX, self._index_json(complete))
-
-    def add(self, rec: dict, tensors: dict[str, Tensor]) -> None:
-        """Queue one record; raises :class:`_BudgetReached` (after flushing) if it would not fit."""
-        size = sum(_tensor_bytes(t) + _header_estimate(f"{rec['key']}.{n}", t) for n, t in tensors.items())
-        rec_index = 2 * len(json.dumps(rec)) + 64
-        new_shard = not self.pending or self.pending_bytes + size > self.shard_bytes
-        shard_overhead = 8 + 512 + 160 if new_shard else 0  # length prefix, metadata, index entry
-        total = (self.committed + self.pending_bytes + size + shard_overhead + self._index_base
-                 + self._index_records + rec_index)
-        if total > self.budget:
-            self.stopped = "budget"
-            self.flush()
-            raise _BudgetReached
-        if self.pending and new_shard:
-            self.flush()
-        if not self.pending:
-            self.pending_bytes = 8 + 512
-            self._index_records += 160
-        for n, t in tensors.items():
-            self.pending[f"{rec['key']}.{n}"] = t
-        self.pending_bytes += size
-        self._index_records += rec_index
-        self.pending_records.append(rec)
-
-    def flush(self) -> None:
-        if not self.pending:
-            if self.stopped:
-                self.write_index()
-            return
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        path = self.out / name
-        meta = {SCHEMA: json.dumps({"schema": SCHEMA, "version": VERSION, "shard": len(self.shards),
-                                    "records": len(self.pending_records)})}
-        save_safetensors(self.pending, path, meta)
-        size = path.stat().st_size
-        for r in self.pending_records:
-            r["shard"] = name
-        self.shards.append({"file": name, "bytes": size, "records": len(self.pending_records)})
-        self.records.extend(self.pending_records)
-        self.committed += size
-        self.pending, self.pending_records, self.pending_bytes = {}, [], 0
-        self.write_index()
-
-
 # ---------------------------------------------------------------------------------------------- hooks
+
+
+def _integer_valued(t: Tensor) -> bool:
+    return t.numel() > 0 and bool(torch.equal(t, t.round()))
+
+
+class _Call:
+    """What one model call stores: tensors by name, the nodes that rebuild its arguments, and an identity
+    map so that a tensor passed to many blocks (or a block's output that is the next block's input) is
+    copied once."""
+
+    def __init__(self, rec: "_Recorder"):
+        self.rec = rec
+        self.tensors: dict[str, Tensor] = {}
+        self.refs: dict[str, str] = {}  # name -> key of an equal tensor stored with an earlier record
+        self.digests: dict[str, str] = {}  # digest -> key, of this record's context tensors
+        self.seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, version, name, batched)
+        self.inputs: list = []
+        self.blocks: dict[str, dict] = {}
+        self.pending: dict[int, tuple] = {}  # layer -> (bound arguments, versions) between pre- and post-hook
+
+    def _taken(self, name: str) -> bool:
+        return name in self.tensors or name in self.refs
+
+    def _name(self, base: str) -> str:
+        name, n = base, 1
+        while self._taken(name):
+            n += 1
+            name = f"{base}~{n}"
+        return name
+
+    def base(self, param: str) -> str:
+        """A name for a context argument that no earlier one uses (``pe``, then ``pe~2``; a sequence's
+        elements are ``pe~2.0`` …). A tensor already stored keeps its name (the identity map)."""
+        names = (*self.tensors, *self.refs)
+        name, n = param, 1
+        while any(k == name or k.startswith(f"{name}.") for k in names):
+            n += 1
+            name = f"{param}~{n}"
+        return name
+
+    def node(self, value, base: str, kind: str, in_list: bool = False):
+        """The structure node of an argument, storing its tensors (``kind``: input | stream | context | output)."""
+        if value is None:
+            return None
+        if isinstance(value, Tensor):
+            return self.tensor(value, base, kind, strip=not in_list)
+        if isinstance(value, (tuple, list)):
+            tag = "tuple" if isinstance(value, tuple) else "list"
+            return {tag: [self.node(v, f"{base}.{i}", kind, in_list=tag == "list") for i, v in enumerate(value)]}
+        if isinstance(value, (bool, int, float, str)):
+            return {"v": value}
+        raise UserError(f"capture: argument {base} is a {type(value).__name__}, which a capture cannot store")
+
+    def tensor(self, t: Tensor, base: str, kind: str, strip: bool) -> dict:
+        hit = self.seen.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            name, batched = hit[2], hit[3]
+            if kind == "stream" and not self.rec.share_streams and name in self.tensors:
+                own = self._name(base)  # version 1: every block's streams under their own names
+                self.tensors[own] = self.tensors[name].clone()
+                return {"t": own, "b": batched}
+            return {"t": name, "b": batched}
+        c = t.detach()
+        batched = strip and c.ndim > 0 and c.shape[0] == 1
+        if batched:
+            c = c[0]
+        if c.is_floating_point():
+            model_dtype = self.rec.model_dtype
+            if kind in ("stream", "output"):
+                c = c.to(self.rec.dtype)
+            elif kind == "context" and c.dtype == model_dtype:
+                c = c.to(self.rec.dtype)
+            elif kind == "input" and c.ndim > 0 and not _integer_valued(c):
+                c = c.to(self.rec.dtype)
+        c = c.to("cpu", copy=True)
+        name = self._name(base)
+        self.seen[id(t)] = (weakref.ref(t), t._version, name, batched)
+        if kind == "context" and base not in self.rec.always_stored:
+            d = digest(c)
+            key = self.rec.writer.known.get(d) or self.digests.get(d)
+            if key is not None:
+                self.refs[name] = key
+                return {"t": name, "b": batched}
+            self.digests[d] = f"{self.rec.key()}.{name}"
+        self.tensors[name] = c
+        return {"t": name, "b": batched}
 
 
 class _Recorder:
     """Forward hooks that turn model calls into records for a :class:`_Writer`."""
 
-    def __init__(self, model: Flux, layers: list[int], in_out_only: bool, every: int, store_dtype: torch.dtype,
-                 writer: _Writer, downscale: int):
-        self.model, self.layers, self.in_out_only, self.every = model, layers, in_out_only, every
-        self.downscale = downscale
+    def __init__(self, model: nn.Module, blocks: dict[int, str], in_out_only: bool, every: int,
+                 store_dtype: torch.dtype, writer: _Writer, latent_hw: Callable[[int, int], tuple[int, int]],
+                 v1: bool):
+        self.model, self.blocks, self.in_out_only, self.every = model, blocks, in_out_only, every
+        self.latent_hw = latent_hw
         self.dtype, self.writer = store_dtype, writer
+        self.model_dtype = next(model.parameters()).dtype
+        self.v1 = v1
+        self.share_streams = not v1
+        self.always_stored = V1_ALWAYS_STORED if v1 else ()
         self.handles: list = []
         self.run = None
         self.prompts: list[str] = []
         self.neg_prompts: list[str] = []
         self.step = 0
         self.branch = 0
-        self.branches = 1
         self.active = False
-        self.inputs: dict[str, Tensor | None] = {}
-        self.buf: dict[str, Tensor] = {}
+        self.call: _Call | None = None
         self.n = 0
         self._model_sig = inspect.signature(model.forward)
 
-    # -- helpers
-    def _keep(self, t: Tensor, float_dtype: torch.dtype | None = None) -> Tensor:
-        t = t.detach()
-        if t.is_floating_point():
-            t = t.to(float_dtype or self.dtype)
-        return t.to("cpu", copy=True)
+    def key(self) -> str:
+        return f"r{self.n:06d}"
 
     def attach(self) -> None:
         m = self.model
@@ -255,21 +277,21 @@ class _Recorder:
         self.handles.append(m.register_forward_hook(self._model_post, with_kwargs=True))
         if self.in_out_only:
             return
-        self.handles.append(m.final_layer.register_forward_pre_hook(self._vec_pre, with_kwargs=True))
-        for L in self.layers:
-            block = get_block(m, L)
-            ins, outs = layer_io_names(m.config, L)
+        for L, name in self.blocks.items():
+            block = m.get_submodule(name)
             sig = inspect.signature(block.forward)
-            self.handles.append(block.register_forward_pre_hook(self._block_pre(L, ins, sig), with_kwargs=True))
-            self.handles.append(block.register_forward_hook(self._block_post(L, outs)))
+            if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+                raise UserError(f"capture: block {name} takes *args/**kwargs; its calls cannot be recorded")
+            self.handles.append(block.register_forward_pre_hook(self._block_pre(L, sig), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._block_post(L)))
 
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
-    def start_run(self, run, prompts: list[str], neg_prompts: list[str], branches: int) -> None:
-        self.run, self.prompts, self.neg_prompts, self.branches = run, prompts, neg_prompts, branches
+    def start_run(self, run, prompts: list[str], neg_prompts: list[str]) -> None:
+        self.run, self.prompts, self.neg_prompts = run, prompts, neg_prompts
         self.step, self.branch, self.active = 0, 0, False
 
     def on_step(self, i: int, n: int, _x) -> None:
@@ -278,69 +300,69 @@ class _Recorder:
     # -- hooks
     def _model_pre(self, module, args, kwargs):
         self.active = self.run is not None and self.step % self.every == 0
-        self.buf = {}
+        self.call = None
         if not self.active:
             return
         b = self._model_sig.bind(*args, **kwargs)
         b.apply_defaults()
-        a = b.arguments
-        self.inputs = {
-            "img": self._keep(a["img"]), "img_ids": self._keep(a["img_ids"], torch.float32),
-            "txt": self._keep(a["txt"]), "txt_ids": self._keep(a["txt_ids"], torch.float32),
-            "y": self._keep(a["y"]), "t": self._keep(a["timesteps"], torch.float32),
-            "guidance": (self._keep(a["guidance"], torch.float32)
-                         if a["guidance"] is not None and module.config.guidance_embed else None),
-        }
+        call = self.call = _Call(self)
+        call.inputs = [[p, call.node(v, "t" if p == "timesteps" else p, "input")] for p, v in b.arguments.items()]
 
-    def _vec_pre(self, module, args, kwargs):
-        if self.active:
-            vec = args[1] if len(args) > 1 else kwargs["vec"]
-            self.buf["vec"] = self._keep(vec)
-
-    def _block_pre(self, L: int, names: tuple[str, ...], sig):
+    def _block_pre(self, L: int, sig):
         def hook(module, args, kwargs):
-            if self.active:
-                a = sig.bind(*args, **kwargs).arguments
-                for n, arg in zip(names, ("img", "txt") if len(names) == 2 else ("x",)):
-                    self.buf[f"L{L}.{n}"] = self._keep(a[arg])
+            if self.active and self.call is not None:
+                b = sig.bind(*args, **kwargs)
+                b.apply_defaults()
+                versions = {id(v): v._version for v in b.arguments.values() if isinstance(v, Tensor)}
+                self.call.pending[L] = (b.arguments, versions)
         return hook
 
-    def _block_post(self, L: int, names: tuple[str, ...]):
+    def _block_post(self, L: int):
         def hook(module, args, output):
-            if self.active:
-                outs = output if isinstance(output, tuple) else (output,)
-                for n, t in zip(names, outs):
-                    self.buf[f"L{L}.{n}"] = self._keep(t)
+            call = self.call
+            if not (self.active and call is not None and L in call.pending):
+                return
+            arguments, versions = call.pending.pop(L)
+            if any(isinstance(v, Tensor) and v._version != versions[id(v)] for v in arguments.values()):
+                raise UserError(f"capture: block {self.blocks[L]} changed one of its inputs in place; "
+                                "its call cannot be recorded")
+            outs = output if isinstance(output, tuple) else (output,)
+            params = list(arguments)
+            k = len(outs)
+            if k > len(params) or not all(isinstance(o, Tensor) for o in outs):
+                raise UserError(f"capture: block {self.blocks[L]} does not return its token streams")
+            streams = params[:k]
+            nodes = [[p, call.node(arguments[p], f"L{L}.{p}_in", "stream") if i < k
+                      else call.node(arguments[p], call.base(p), "context")] for i, p in enumerate(params)]
+            out_nodes = [call.node(o, f"L{L}.{s}_out", "stream") for s, o in zip(streams, outs)]
+            call.blocks[str(L)] = {"args": nodes, "streams": streams, "outputs": out_nodes}
         return hook
 
     def _model_post(self, module, args, kwargs, output):
-        if not self.active:
+        call = self.call
+        if not self.active or call is None:
             self.branch += 1
             return
-        self.active = False
-        velocity = self._keep(output)
-        B = velocity.shape[0]
+        self.active, self.call = False, None
+        out_node = call.node(output, "velocity", "output")
+        structure = {"inputs": call.inputs, "output": out_node, "blocks": call.blocks}
+        index, new_call = self.writer.call_index(structure)
         cond = self.branch == 0
-        prompts = self.prompts if cond else self.neg_prompts
-        for s in range(B):
-            def pick(t: Tensor) -> Tensor:
-                return (t[s] if t.shape[0] == B else t[0]).clone()
-
-            tensors = {k: pick(v) for k, v in self.inputs.items() if v is not None}
-            tensors["velocity"] = pick(velocity)
-            tensors.update({k: pick(v) for k, v in self.buf.items()})
-            L_img, L_txt = tensors["img"].shape[0], tensors["txt"].shape[0]
-            run = self.run
-            rec = {
-                "key": f"r{self.n:06d}", "shard": None, "prompt": prompts[s], "run": run.index, "sample": s,
-                "step": self.step, "branch": "cond" if cond else "uncond", "t": float(tensors["t"]),
-                "seed": run.seed, "width": run.width, "height": run.height,
-                "latent_h": run.height // self.downscale, "latent_w": run.width // self.downscale,
-                "img_len": L_img, "txt_len": L_txt,
-            }
-            self.writer.add(rec, tensors)  # may raise _BudgetReached
-            self.n += 1
-        self.buf = {}
+        run = self.run
+        lh, lw = self.latent_hw(run.height, run.width)
+        t = call.tensors.get("t")
+        rec = {
+            "key": self.key(), "shard": None, "prompt": (self.prompts if cond else self.neg_prompts)[0], "run": run.index,
+            "sample": 0, "step": self.step, "branch": "cond" if cond else "uncond",
+            "t": float(t) if t is not None and t.numel() == 1 else None,
+            "seed": run.seed, "width": run.width, "height": run.height, "latent_h": lh, "latent_w": lw, "call": index,
+        }
+        if self.v1:  # what a version-1 reader reads from every FLUX.1 record
+            rec["img_len"], rec["txt_len"] = int(call.tensors["img"].shape[0]), int(call.tensors["txt"].shape[0])
+        if call.refs:
+            rec["refs"] = dict(call.refs)
+        self.writer.add(rec, call.tensors, call.digests, new_call)  # may raise _BudgetReached
+        self.n += 1
         self.branch += 1
 
 
@@ -351,19 +373,20 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
             budget_bytes: int, guidance: float | None = None, cfg: float = 1.0, solver: str = "euler",
             store_dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES, force: bool = False,
             progress: Callable[[dict], None] | None = None) -> dict:
-    """Run ``workload`` through ``pipe`` and save captured tensors to ``out_dir`` (see the module doc).
+    """Run ``workload`` through ``pipe`` (any family) and save captured tensors to ``out_dir`` (see the module doc).
 
-    ``layers``: unified layer indices (list, or a range string "0-3,7"; default all; not with
-    ``in_out_only``). ``every``: keep steps 0, every, 2·every, … of each run. ``budget_bytes``: the most
-    the folder may hold. The capture is written into a temporary sibling and swapped in when complete;
-    an existing ``out_dir`` is replaced only with ``force``, and a failed, interrupted or empty capture
-    leaves it as it was.
+    ``layers``: layer indices as ``--layers`` counts them (list, or a range string "0-3,7"; default all;
+    not with ``in_out_only``). ``every``: keep steps 0, every, 2·every, … of each run. ``budget_bytes``:
+    the most the folder may hold. The capture is written into a temporary sibling and swapped in when
+    complete; an existing ``out_dir`` is replaced only with ``force``, and a failed, interrupted or empty
+    capture leaves it as it was.
 
     Returns ``{"dir", "records", "shards", "bytes", "runs_done", "runs", "stopped"}``; ``stopped`` is
     "budget" when the budget ended the capture early, else None.
     """
-    model: Flux = pipe.transformer
+    model = pipe.transformer
     cfgm = model.config
+    fam = family_of(cfgm)
     if every < 1:
         raise UserError(f"every must be ≥ 1, got {every}")
     if budget_bytes <= 0:
@@ -373,7 +396,11 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
     if in_out_only and layers is not None:
         raise UserError("give layers or in_out_only, not both")
     sel = [] if in_out_only else resolve_layers(cfgm, layers)
-    store_dtype = store_dtype or model.dtype
+    blocks = residual_blocks(model)
+    missing = [L for L in sel if L not in blocks]
+    if missing:
+        raise UserError(f"layer {missing[0]} has no block to capture")
+    store_dtype = store_dtype or next(model.parameters()).dtype
     if not store_dtype.is_floating_point:
         raise UserError(f"store dtype must be a float type, got {store_dtype}")
     runs = list(workload.runs())
@@ -385,35 +412,41 @@ def capture(pipe, workload, out_dir: str | os.PathLike, *, layers=None, every: i
             raise UserError(f"size {r.width}x{r.height} is not a positive multiple of {m} for this model")
 
     out = check_output(out_dir, kind="dir", force=force, what="the capture folder")
+    v1 = fam.NAME == V1_FAMILY
     header = {
-        "schema": SCHEMA, "version": VERSION, "rflow": __version__,
+        "schema": SCHEMA, "version": 1 if v1 else VERSION, "rflow": __version__, "family": fam.NAME,
         "model": {"name": pipe.name, "fingerprint": pipe.fingerprint, "config": cfgm.to_dict()},
-        "layers": sel, "layer_kinds": {str(L): layer_kind(cfgm, L) for L in sel}, "in_out_only": bool(in_out_only),
+        "layers": sel, "blocks": {str(L): blocks[L] for L in sel},
+        "layer_kinds": {str(L): layer_kind(cfgm, L) for L in sel}, "in_out_only": bool(in_out_only),
         "every": every, "dtype": str(store_dtype).removeprefix("torch."),
         "sampling": {"guidance": guidance, "cfg": cfg, "solver": solver}, "workload": workload.describe(),
-        "budget_bytes": int(budget_bytes),
+        "budget_bytes": int(budget_bytes), "calls": [],
     }
     with replacing(out, "dir") as tmp:
-        res = _capture_into(tmp, pipe, runs, header, sel, in_out_only, every, store_dtype, int(budget_bytes),
-                            int(shard_bytes), guidance, cfg, solver, progress)
+        res = _capture_into(tmp, pipe, runs, header, {L: blocks[L] for L in sel}, in_out_only, every, store_dtype,
+                            int(budget_bytes), int(shard_bytes), guidance, cfg, solver, progress, v1)
         if res["records"] == 0:
             raise UserError(f"the budget ({format_bytes(budget_bytes)}) is too small for even one record; "
                             "nothing was captured")
     return {"dir": str(out), **res}
 
 
-def _capture_into(out: Path, pipe, runs, header, sel, in_out_only, every, store_dtype, budget_bytes, shard_bytes,
-                  guidance, cfg, solver, progress) -> dict:
+def _capture_into(out: Path, pipe, runs, header, blocks, in_out_only, every, store_dtype, budget_bytes, shard_bytes,
+                  guidance, cfg, solver, progress, v1) -> dict:
     model = pipe.transformer
     writer = _Writer(out, header, budget_bytes, shard_bytes)
     writer.write_index()
-    rec = _Recorder(model, sel, in_out_only, every, store_dtype, writer, pipe.vae.downscale_factor)
+
+    def latent_hw(h: int, w: int) -> tuple[int, int]:
+        shape = pipe.latent_shape(h, w, 1)
+        return int(shape[-2]), int(shape[-1])
+
+    rec = _Recorder(model, blocks, in_out_only, every, store_dtype, writer, latent_hw, v1)
     rec.attach()
-    branches = 2 if cfg > 1.0 else 1
     done = 0
     try:
         for r in runs:
-            rec.start_run(r, [r.prompt], [""], branches)
+            rec.start_run(r, [r.prompt], [""])
             try:
                 pipe.generate(r.prompt, width=r.width, height=r.height, steps=r.steps, guidance=guidance, cfg=cfg,
                               seed=r.seed, solver=solver, output_type="latent", callback=rec.on_step)
@@ -428,197 +461,3 @@ def _capture_into(out: Path, pipe, runs, header, sel, in_out_only, every, store_
     writer.write_index(complete=writer.stopped is None)
     return {"records": len(writer.records), "shards": len(writer.shards), "bytes": writer.committed,
             "runs_done": done, "runs": len(runs), "stopped": writer.stopped}
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class Record:
-    key: str
-    shard: str
-    prompt: str
-    run: int
-    sample: int
-    step: int
-    branch: str
-    t: float
-    latent_h: int
-    latent_w: int
-    img_len: int
-    txt_len: int
-    index: int  # position in the capture
-
-
-class CaptureReader:
-    """A validated capture folder: records, their tensors, RoPE recomputed from the stored ids.
-
-    Every problem a user can cause (missing folder or index, corrupt or foreign index, missing or
-    truncated shard) is a one-line :class:`UserError`.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        p = Path(path).expanduser()
-        self.path = p
-        if not p.is_dir():
-            raise UserError(f"{p}: no such capture folder")
-        if not (p / INDEX).is_file():
-            raise UserError(f"{p}: not an rflow capture (no {INDEX})")
-        idx = read_json(p / INDEX)
-        if not isinstance(idx, dict) or idx.get("schema") != SCHEMA:
-            raise UserError(f"{p / INDEX}: not an rflow capture index (schema {idx.get('schema') if isinstance(idx, dict) else None!r})")
-        if not isinstance(idx.get("version"), int) or idx["version"] > VERSION:
-            raise UserError(f"{p / INDEX}: capture version {idx.get('version')!r} is not one this rflow reads (≤ {VERSION})")
-        try:
-            self.config = FluxConfig.from_dict(idx["model"]["config"])
-            self.fingerprint = str(idx["model"].get("fingerprint", ""))
-            self.layers = [int(v) for v in idx["layers"]]
-            self.in_out_only = bool(idx["in_out_only"])
-            shards = {s["file"]: int(s["bytes"]) for s in idx["shards"]}
-            self.records = [Record(r["key"], r["shard"], r["prompt"], int(r["run"]), int(r.get("sample", 0)),
-                                   int(r["step"]), r.get("branch", "cond"), float(r["t"]), int(r["latent_h"]),
-                                   int(r["latent_w"]), int(r["img_len"]), int(r["txt_len"]), i)
-                            for i, r in enumerate(idx["records"])]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{p / INDEX}: corrupt capture index ({type(e).__name__}: {e})") from None
-        self.index = idx
-        for name, size in shards.items():
-            if not _SHARD_RE.match(name):
-                raise UserError(f"{p / INDEX}: corrupt capture index (bad shard name {name!r})")
-            f = p / name
-            if not f.is_file():
-                raise UserError(f"{f}: shard listed in the capture index is missing")
-            if f.stat().st_size != size:
-                raise UserError(f"{f}: truncated or modified shard ({f.stat().st_size} bytes, the index says {size})")
-        self._files: dict[str, SafetensorsFiles] = {name: SafetensorsFiles([p / name]) for name in shards}
-        for r in self.records:
-            if r.shard not in self._files or f"{r.key}.velocity" not in self._files[r.shard]:
-                raise UserError(f"{p / INDEX}: record {r.key} is not in shard {r.shard}")
-        self._pe_cache: dict[tuple, Tensor] = {}
-
-    # -- basic access
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self):
-        return iter(self.records)
-
-    @property
-    def total_bytes(self) -> int:
-        return int(self.index.get("total_bytes", 0))
-
-    def names(self, record: Record) -> list[str]:
-        pre = f"{record.key}."
-        return [k[len(pre):] for k in self._files[record.shard].keys() if k.startswith(pre)]
-
-    def tensor(self, record: Record, name: str) -> Tensor:
-        files = self._files[record.shard]
-        key = f"{record.key}.{name}"
-        if key not in files:
-            raise UserError(f"{self.path}: record {record.key} has no tensor {name!r}")
-        return files.get(key)
-
-    def model_inputs(self, record: Record, device=None) -> dict[str, Tensor | None]:
-        """Keyword arguments for ``Flux.forward`` (batch of 1) that reproduce the captured call."""
-        g = self.tensor(record, "guidance").reshape(1) if f"{record.key}.guidance" in self._files[record.shard] else None
-        out = {"img": self.tensor(record, "img")[None], "img_ids": self.tensor(record, "img_ids")[None],
-               "txt": self.tensor(record, "txt")[None], "txt_ids": self.tensor(record, "txt_ids")[None],
-               "timesteps": self.tensor(record, "t").reshape(1), "y": self.tensor(record, "y")[None], "guidance": g}
-        return {k: (v.to(device) if v is not None and device is not None else v) for k, v in out.items()}
-
-    def model_output(self, record: Record) -> Tensor:
-        return self.tensor(record, "velocity")[None]
-
-    def _check_layer(self, layer: int) -> None:
-        if self.in_out_only:
-            raise UserError(f"{self.path}: this capture holds model inputs/outputs only (--in-out-only), no layers")
-        if layer not in self.layers:
-            raise UserError(f"{self.path}: layer {layer} was not captured (captured: {_ranges(self.layers)})")
-
-    def layer_tensors(self, record: Record, layer: int) -> dict[str, Tensor]:
-        """The stored (unbatched) inputs and outputs of a layer, plus ``vec``."""
-        self._check_layer(layer)
-        ins, outs = layer_io_names(self.config, layer)
-        d = {n: self.tensor(record, f"L{layer}.{n}") for n in ins + outs}
-        d["vec"] = self.tensor(record, "vec")
-        return d
-
-    def ids(self, record: Record) -> Tensor:
-        """RoPE positions (1, S+L, 3) as the model builds them: text first, then image."""
-        return torch.cat([self.tensor(record, "txt_ids"), self.tensor(record, "img_ids")], 0)[None]
-
-    def pe(self, record: Record, embedder: torch.nn.Module) -> Tensor:
-        """RoPE rotations for a record, from its stored ids (cached by ids)."""
-        ids = self.ids(record)
-        key = (tuple(getattr(embedder, "axes_dim", ())), getattr(embedder, "theta", None), tuple(ids.shape),
-               ids.numpy().tobytes())
-        pe = self._pe_cache.get(key)
-        if pe is None:
-            if len(self._pe_cache) > 64:
-                self._pe_cache.clear()
-            pe = self._pe_cache[key] = embedder(ids)
-        return pe
-
-    def block_io(self, record: Record, layer: int, embedder: torch.nn.Module, *, device=None,
-                 dtype: torch.dtype | None = None) -> tuple[tuple, tuple]:
-        """(arguments for the block's forward, expected outputs), each batched to 1.
-
-        ``block(*args)`` of the captured model's block reproduces ``outputs``."""
-        d = self.layer_tensors(record, layer)
-        ins, outs = layer_io_names(self.config, layer)
-
-        def cv(t: Tensor) -> Tensor:
-            return t[None].to(device=device, dtype=dtype or t.dtype)
-
-        pe = self.pe(record, embedder).to(device)
-        args = tuple(cv(d[n]) for n in ins) + (cv(d["vec"]), pe)
-        return args, tuple(cv(d[n]) for n in outs)
-
-    # -- splitting
-    def split(self, holdout_fraction: float, seed: int = 0, *, by: str = "run") -> tuple[list[Record], list[Record]]:
-        """Deterministic (train, held-out) record lists.
-
-        ``by="run"`` (default) holds out whole workload runs — every record of a held-out prompt is
-        unseen in training — when the capture has at least two runs; otherwise, and for
-        ``by="record"``, single records are held out. At least one record lands on each side when
-        there are two or more records."""
-        if not 0.0 <= holdout_fraction < 1.0:
-            raise UserError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
-        if by not in ("run", "record"):
-            raise UserError(f"split by 'run' or 'record', not {by!r}")
-        rng = np.random.default_rng(seed)
-        groups: dict[int, list[Record]] = {}
-        runs = sorted({r.run for r in self.records})
-        if by == "run" and len(runs) >= 2:
-            for r in self.records:
-                groups.setdefault(r.run, []).append(r)
-        else:
-            groups = {r.index: [r] for r in self.records}
-        keys = sorted(groups)
-        if holdout_fraction == 0.0 or len(keys) < 2:
-            return list(self.records), []
-        n_hold = min(len(keys) - 1, max(1, int(round(holdout_fraction * len(keys)))))
-        order = rng.permutation(len(keys))
-        hold = {keys[i] for i in order[:n_hold]}
-        train = [r for k in keys if k not in hold for r in groups[k]]
-        held = [r for k in keys if k in hold for r in groups[k]]
-        return sorted(train, key=lambda r: r.index), sorted(held, key=lambda r: r.index)
-
-    def describe(self) -> dict:
-        return {"records": len(self.records), "shards": len(self._files), "bytes": self.total_bytes,
-                "layers": self.layers, "in_out_only": self.in_out_only, "fingerprint": self.fingerprint,
-                "complete": bool(self.index.get("complete")), "stopped": self.index.get("stopped")}
-
-
-def _ranges(values: list[int]) -> str:
-    if not values:
-        return "none"
-    parts, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)

@@ -147,7 +147,7 @@ def _prediction(manifest: dict) -> str:
 def measure_against_capture(model: Path, reference: Path, capture: Path, *, batch: int, device, dtype) -> dict:
     """``measure --capture``: only the model's transformer is loaded; the capture stands in for the reference."""
 
-    from ..checkpoints.flux import load_flux
+    from ..checkpoints.loader import load_transformer
     from ..pipeline import Pipeline, default_device, default_dtype, parse_dtype
     from .capture import CaptureReader
     from .measure import measure_capture
@@ -160,11 +160,11 @@ def measure_against_capture(model: Path, reference: Path, capture: Path, *, batc
     ref_fp = model_fingerprint(reference)
     dev = check_device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype else default_dtype(dev)
-    net, info = load_flux(transformer_path(model), device=dev, dtype=dt)
+    net, info = load_transformer(transformer_path(model), device=dev, dtype=dt)
     m, r = _manifest(Path(model)), _manifest(Path(reference))
     pred = _prediction(m)
     pipe = Pipeline(net, None, None, name=m.get("name", info.family), fingerprint=model_fingerprint(model),
-                    denoiser_options={} if pred == "velocity" else {"prediction": pred})
+                    family=info.family_kind, denoiser_options={} if pred == "velocity" else {"prediction": pred})
     res = measure_capture(pipe, reader, reference_fingerprint=ref_fp, batch=batch,
                           reference_prediction=_prediction(r))
     return {"model": pipe.name, "model_fingerprint": pipe.fingerprint,

@@ -35,7 +35,6 @@ from .. import sampling
 from ..errors import NonFiniteError, UserError
 from ..families.base import Guidance, guided
 from ..families.flux1 import Denoiser
-from ..models.flux import Flux
 from .stats import ActivationStats
 from .units import layer_refs, n_layers as count_layers, refs_by_name, select_units
 
@@ -254,48 +253,58 @@ def measure(model_pipe, reference_pipe, workload: Workload, *, guidance: float |
 @torch.no_grad()
 def measure_capture(model_pipe, reader, *, reference_fingerprint: str | None = None,
                     reference_prediction: str | None = None, batch: int = 8) -> dict:
-    """Velocity MSE of ``model_pipe`` against a capture of the reference (``rflow capture``).
+    """Velocity MSE of ``model_pipe`` against a capture of the reference (``rflow capture``), any family.
 
-    Every record's stored model inputs — points of the reference's own sampling trajectories — are
-    run through ``model_pipe.transformer`` and compared with the stored reference output. Both outputs
-    are turned into velocities first by the denoiser (the stored output is the raw transformer output,
-    x0 for data-predicting models such as rflow-tiny); ``reference_prediction`` ("velocity" | "data")
-    defaults to the model's. Only ``transformer`` and ``denoiser`` of ``model_pipe`` are used, so a :class:`~rflow.pipeline.Pipeline` without VAE
-    or text encoders will do. ``reader`` is a :class:`~rflow.compress.capture.CaptureReader`;
-    ``reference_fingerprint``, when given, must be the fingerprint the capture was made with."""
-    model: Flux = model_pipe.transformer
+    Every record's stored transformer inputs — points of the reference's own sampling trajectories —
+    are run through ``model_pipe.transformer`` and compared with the stored reference output. For
+    velocity-predicting models the raw outputs are compared (FLUX.2's tokens, Z-Image's negated
+    velocity: the same squared error as the velocities'); data-predicting models (rflow-tiny, FLUX.1
+    shaped) have both outputs turned into velocities by the FLUX.1 denoiser first, the stored one with
+    ``reference_prediction`` ("velocity" | "data", default the model's). Only ``transformer`` and
+    ``denoiser`` of ``model_pipe`` are used, so a :class:`~rflow.pipeline.Pipeline` without VAE or text
+    encoders will do. ``reader`` is a :class:`~rflow.compress.capture.CaptureReader`;
+    ``reference_fingerprint``, when given, must be the fingerprint the capture was made with. Records
+    are batched by ``batch`` where their tensors allow (Z-Image's per-sample captions run one by one)."""
+    from .units import family_of
+
+    model = model_pipe.transformer
     if reference_fingerprint is not None and reader.fingerprint != reference_fingerprint:
         raise UserError(f"{reader.path}: captured from model {reader.fingerprint or '?'}, "
                         f"not from the reference ({reference_fingerprint})")
+    fam = family_of(model.config)
+    if fam.NAME != reader.family:
+        raise UserError(f"{reader.path}: captured from a {reader.family_module.TITLE} model, this is a {fam.TITLE} model")
     c, m = reader.config, model.config
-    for k in ("in_channels", "out_channels", "context_in_dim", "vec_in_dim", "guidance_embed"):
-        if getattr(c, k) != getattr(m, k):
-            raise UserError(f"{reader.path}: captured model has {k}={getattr(c, k)}, the model has {getattr(m, k)}")
+    for k in ("in_channels", "out_channels", "context_in_dim", "vec_in_dim", "guidance_embed", "cap_feat_dim",
+              "patch_size"):
+        if hasattr(c, k) and getattr(c, k) != getattr(m, k, None):
+            raise UserError(f"{reader.path}: captured model has {k}={getattr(c, k)}, the model has {getattr(m, k, None)}")
     if not len(reader):
         raise UserError(f"{reader.path}: the capture holds no records")
     if batch < 1:
         raise UserError(f"batch must be ≥ 1, got {batch}")
     den = model_pipe.denoiser
-    ref_den = Denoiser(model, reference_prediction or den.prediction)
+    pred = getattr(den, "prediction", "velocity")
+    ref_pred = reference_prediction or pred
+    ref_den = None
+    if "data" in (pred, ref_pred):  # x0-predicting models are FLUX.1-shaped (rflow-tiny)
+        if fam.NAME != "flux1":
+            raise UserError(f"{reader.path}: only FLUX.1-shaped models predict x0 (prediction \"data\"), not {fam.TITLE}")
+        ref_den = Denoiser(model, ref_pred)
     dev = model.device
-    groups: dict[tuple, list] = {}
-    for r in reader:
-        groups.setdefault((r.img_len, r.txt_len), []).append(r)
+    dtype = next(model.parameters()).dtype
     errs: list[float] = []
     sq_err = sq_ref = 0.0
-    for recs in groups.values():
-        for i in range(0, len(recs), batch):
-            chunk = recs[i : i + batch]
-            ins = [reader.model_inputs(r) for r in chunk]
-            kw = {k: (torch.cat([d[k] for d in ins]).to(dev) if ins[0][k] is not None else None) for k in ins[0]}
-            img, t = kw["img"].to(model.dtype), kw["timesteps"]
-            v = den.output_to_velocity(model(**kw), img, t).double()
-            out_ref = torch.cat([reader.model_output(r) for r in chunk]).to(dev, model.dtype)
-            v_ref = ref_den.output_to_velocity(out_ref, img, t).double()
-            d = (v - v_ref).pow(2)
-            errs += d.flatten(1).mean(1).tolist()
-            sq_err += float(d.sum())
-            sq_ref += float(v_ref.pow(2).sum())
+    for kw, out_ref, _ in reader.model_batches(list(reader), batch, device=dev):
+        out, out_ref = model(**kw), out_ref.to(dev, dtype)
+        if ref_den is not None:
+            img, t = kw["img"].to(dtype), kw["timesteps"]
+            out, out_ref = den.output_to_velocity(out, img, t), ref_den.output_to_velocity(out_ref, img, t)
+        v, v_ref = out.double(), out_ref.double()
+        d = (v - v_ref).pow(2)
+        errs += d.flatten(1).mean(1).tolist()
+        sq_err += float(d.sum())
+        sq_ref += float(v_ref.pow(2).sum())
     return {"capture": str(reader.path), "reference_fingerprint": reader.fingerprint,
             "records": len(reader), "runs": len({r.run for r in reader}), "velocity_evaluations": len(errs),
             "velocity_mse": _mean(errs), "velocity_mse_max": max(errs),
