@@ -20,7 +20,7 @@ from rflow.errors import UserError
 from rflow.models.codec import PixelUnshuffleCodec
 from rflow.models.flux import Flux, FluxConfig
 from rflow.models.vae import AutoEncoder, VAEConfig
-from rflow.world.tiny import DEFAULT_MODEL_DIR
+from rflow.paths import DEFAULT_MODEL_DIR
 
 HIDDEN = 64  # 2 heads of 32
 # Per-block MLP widths differ, as in a pruned model.

@@ -9,7 +9,7 @@ from PIL import Image
 import rflow
 from rflow.world import shapes
 from rflow.cli import main
-from rflow.world.tiny import DEFAULT_MODEL_DIR
+from rflow.paths import DEFAULT_MODEL_DIR
 
 FIXED_PROMPTS = shapes.prompts(24, seed=2026, split="train")
 

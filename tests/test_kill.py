@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from rflow.cli import main
-from rflow.world.tiny import DEFAULT_MODEL_DIR
+from rflow.paths import DEFAULT_MODEL_DIR
 
 PROMPT = "a large red circle on the left on a white background"
 TMP_TAG = ".rflow-tmp-"

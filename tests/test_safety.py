@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rflow.cli import main
-from rflow.world.tiny import DEFAULT_MODEL_DIR
+from rflow.paths import DEFAULT_MODEL_DIR
 
 PROMPT = "a large red circle on the left on a white background"
 

@@ -8,12 +8,11 @@ It is trained by ``rflow train --full`` and shipped inside the package as the de
 Its transformer predicts the clean image x0 rather than the velocity: each token is an 8×8×3 pixel
 patch (192 values) as wide as the hidden size, and in that regime a network that must output noise
 (or velocity) learns far worse than one that outputs data, which lies on a low-dimensional manifold.
-The pipeline turns x0 into v = (x_t − x0)/t at its boundary, so solvers, analysis and pruning see the
+The FLUX.1 family's denoiser turns x0 into v = (x_t − x0)/t at its boundary, so solvers, analysis and pruning see the
 same velocity interface as FLUX.1.
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -21,8 +20,6 @@ from . import shapes
 from ..models.codec import PixelUnshuffleCodec
 from ..models.flux import Flux, FluxConfig
 from ..models.text import TextEncoders, build_word_tokenizer
-
-from ..paths import DEFAULT_MODEL_DIR, embedded_model_dir  # noqa: F401  (where the embedded model lives)
 
 TEXT_DIM = 64
 MAX_SEQUENCE_LENGTH = 24
