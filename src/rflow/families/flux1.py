@@ -135,6 +135,9 @@ def image_seq_len(latent_shape: tuple[int, ...]) -> int:
 
 
 STREAMS = ("img", "txt", "single")
+# Linear layers quantization leaves in high precision (globs over qualified names): the embedders and
+# the output layer, as ComfyUI-GGUF files and torchao plans keep them.
+UNQUANTIZED = ("img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*")
 
 
 def layers(model_or_config: Flux | FluxConfig) -> list[LayerRef]:

@@ -28,6 +28,9 @@ NAME = "flux2"
 TITLE = "FLUX.2"
 CONFIG_CLASS = Flux2Config
 STREAMS = ("img", "txt", "single")
+# Linear layers quantization leaves in high precision (globs over qualified names): the embedders and
+# the output layer, as ComfyUI-GGUF files and torchao plans keep them.
+UNQUANTIZED = ("img_in", "txt_in", "time_in.*", "guidance_in.*", "final_layer.*")
 DEFAULT_SIZE = (1024, 1024)  # (width, height), Flux2KleinPipeline's default
 MAX_SEQUENCE_LENGTH = 512  # Qwen3 tokens, chat template included
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's guidance_scale, for models with a guidance embedder (FLUX.2-dev)

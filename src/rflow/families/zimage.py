@@ -29,6 +29,9 @@ NAME = "zimage"
 TITLE = "Z-Image"
 CONFIG_CLASS = ZImageConfig
 STREAMS = ("main", "noise_refiner", "context_refiner")
+# Linear layers quantization leaves in high precision (globs over qualified names): the embedders and
+# the output layer, as ComfyUI-GGUF files and torchao plans keep them.
+UNQUANTIZED = ("x_embedder", "cap_embedder.*", "t_embedder.*", "final_layer.*")
 
 def summary(config: ZImageConfig) -> dict:
     """The config as ``rflow info`` shows it."""
