@@ -90,13 +90,32 @@ def file_digests(path: str | os.PathLike, progress: Progress | None = None) -> F
     hit = _lookup(key, st.st_size, st.st_mtime_ns)
     if hit is not None:
         return hit
+    from .gguf_file import is_gguf
+
     with open(p, "rb") as f:
         before = os.fstat(f.fileno())
-        digests = _read_digests(f, p, before.st_size, progress)
+        digests = _gguf_digests(f, p, before.st_size, progress) if is_gguf(p) else _read_digests(f, p, before.st_size, progress)
         after = os.fstat(f.fileno())
     if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
         _store(key, before.st_size, before.st_mtime_ns, digests)
     return digests
+
+
+def _gguf_digests(f: BinaryIO, path: Path, size: int, progress: Progress | None) -> FileDigests:
+    """A GGUF file: the whole-file sha256 from one sequential read, each tensor's from the gguf reader."""
+    from .gguf_file import GGUFFile
+
+    whole = hashlib.sha256()
+    done = 0
+    while done < size:
+        chunk = f.read(min(CHUNK, size - done))
+        if not chunk:
+            raise UserError(f"{path}: file shrank while being read")
+        whole.update(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, size)
+    return FileDigests(whole.hexdigest(), GGUFFile(path).tensor_digests())
 
 
 def _read_digests(f: BinaryIO, path: Path, size: int, progress: Progress | None) -> FileDigests:

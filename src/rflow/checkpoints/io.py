@@ -193,10 +193,16 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def open_weights(path: str | os.PathLike) -> SafetensorsFiles:
-    """Open a single ``.safetensors`` file or a folder of (possibly sharded) safetensors weights."""
+    """Open a single ``.safetensors`` file, a folder of (possibly sharded) safetensors weights, or a GGUF
+    file (:class:`~rflow.checkpoints.gguf_file.GGUFFile`, the same interface)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
+    if p.is_file():
+        from .gguf_file import GGUFFile, is_gguf
+
+        if is_gguf(p):
+            return GGUFFile(p)
     return SafetensorsFiles(weight_files(p) if p.is_dir() else [p])
 
 
