@@ -91,3 +91,35 @@ def test_wrong_family_is_one_line(flux_file):
         Checkpoint(path, family="zimage")
     with pytest.raises(UserError, match="unknown model family 'sd3'"):
         Checkpoint(path, family="sd3")
+
+
+@pytest.mark.skipif(FP8 is None, reason="this torch has no float8_e4m3fn")
+@pytest.mark.parametrize("marker", [True, False])
+def test_comfyui_scaled_fp8_applies_the_scale(flux_file, tmp_path, marker):
+    """ComfyUI's scaled-fp8 files: X.weight in fp8 with X.scale_weight beside it (and a scaled_fp8 marker);
+    the weight is the product, never the bare fp8 values."""
+    _, path = flux_file
+    sd = load_file(str(path))
+    prefix = "model.diffusion_model."
+    out, want = {}, {}
+    for k, v in sd.items():
+        if v.ndim == 2 and not k.startswith(("img_in", "final_layer")):
+            scale = (v.abs().max() / 448).float()
+            q = (v / scale).to(FP8)
+            out[prefix + k], out[prefix + k[: -len("weight")] + "scale_weight"] = q, scale.reshape(1)
+            out[prefix + k[: -len("weight")] + "scale_input"] = torch.ones(1)
+            want[k] = q.float() * scale
+        else:
+            out[prefix + k] = v
+            want[k] = v
+    if marker:
+        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=FP8)
+    save_file(out, str(tmp_path / "scaled.safetensors"))
+    model, info = load_transformer(tmp_path / "scaled.safetensors", dtype=torch.float32)
+    assert info.format == "comfyui"
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    bare = next(k for k in want if prefix + k[: -len("weight")] + "scale_weight" in out)
+    assert not torch.equal(got[bare], out[prefix + bare].float())  # the scale was applied

@@ -45,9 +45,38 @@ def block_indices(keys, prefix: str) -> list[int]:
     return sorted(idx)
 
 
+def scaled(ts):
+    """ComfyUI's scaled fp8: the stored fp8 weight times its ``scale_weight`` (one per layer, or one per
+    output row), in float32."""
+    w, scale = ts[0].float(), ts[1].float()
+    if scale.numel() == 1:
+        return w * scale.reshape(())
+    if w.ndim >= 1 and scale.numel() == w.shape[0]:
+        return w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+    raise UserError(f"a scale_weight of shape {tuple(scale.shape)} does not fit a weight of shape {tuple(w.shape)}")
+
+
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor of a scaled-fp8 checkpoint
+_SCALE_KEYS = (".scale_weight", ".scale_input")
+
+
 def identity_plan(keys: list[str], prefix: str = "") -> Plan:
-    """Keys as they are, ``prefix`` removed; rflow's own bookkeeping tensors (``rflow.*``) are skipped."""
-    return {k[len(prefix) :]: ([k], one) for k in keys if k.startswith(prefix) and not k[len(prefix):].startswith("rflow.")}
+    """Keys as they are, ``prefix`` removed; rflow's own bookkeeping tensors (``rflow.*``) are skipped.
+
+    ComfyUI's scaled-fp8 files (a ``scaled_fp8`` marker tensor, ``X.scale_weight`` beside ``X.weight``)
+    are read with the scale applied — ``X.weight`` is built from both — never as the bare fp8 values;
+    ``X.scale_input`` (activation scales for fp8 matmuls) is not needed to compute the layer."""
+    keyset = set(keys)
+    plan: Plan = {}
+    for k in keys:
+        if not k.startswith(prefix):
+            continue
+        own = k[len(prefix):]
+        if own.startswith("rflow.") or own == SCALED_FP8_MARKER or own.endswith(_SCALE_KEYS):
+            continue
+        scale = k[: -len(".weight")] + ".scale_weight" if k.endswith(".weight") else None
+        plan[own] = ([k, scale], scaled) if scale in keyset else ([k], one)
+    return plan
 
 
 def plan_shapes(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -95,8 +124,8 @@ def check_against_model(expected: dict[str, tuple[int, ...]], shapes: dict[str, 
     if extra:
         raise UserError(f"unexpected tensor {label(extra[0])!r} for {model}")
     for k, want in expected.items():
-        srcs = plan[k][0]
-        if len(srcs) == 1:
+        srcs, combine = plan[k]
+        if combine is not cat:  # one tensor (a scaled-fp8 weight's second source is its scale)
             parts = [(srcs[0], want)]
         else:
             rows = part_rows(k, want, len(srcs)) if part_rows else [want[0] // len(srcs)] * len(srcs)
