@@ -100,3 +100,18 @@ def test_bad_gguf_is_one_line(city96, tmp_path, damage):
     with pytest.raises(UserError) as e:
         load_transformer(bad)
     assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def test_info_shows_formats_and_bytes(city96, capsys):
+    import json
+
+    from rflow.cli import main
+
+    _, path, types = city96
+    assert main(["info", str(path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    counts = {q: list(types.values()).count(q) for q in set(types.values())}
+    assert s["dtypes"] == counts and s["weight_bytes"] == sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors)
+    assert s["weight_bytes"] < path.stat().st_size
+    assert main(["info", str(path)]) == 0
+    assert "Q8_0" in capsys.readouterr().out

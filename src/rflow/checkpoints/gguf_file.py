@@ -111,6 +111,14 @@ class GGUFFile:
         """The GGML type of a tensor: "F32", "F16", "BF16", "Q8_0", "Q4_K", …"""
         return self._qtypes[key]
 
+    def nbytes(self, key: str) -> int:
+        """Bytes a tensor takes in the file (packed blocks for quantized types)."""
+        return int(self._tensors[key].n_bytes)
+
+    def kind(self, key: str) -> str:
+        """How a tensor is stored: its GGML type ("Q8_0", "F16", …)."""
+        return self._qtypes[key]
+
     def is_quantized(self, key: str) -> bool:
         return self._qtypes[key] not in FLOAT_TYPES
 

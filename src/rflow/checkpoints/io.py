@@ -97,6 +97,14 @@ class SafetensorsFiles:
     def dtypes(self) -> dict[str, torch.dtype]:
         return self._dtypes
 
+    def nbytes(self, key: str) -> int:
+        """Bytes a tensor takes in the file."""
+        return int(torch.Size(self._shapes[key]).numel()) * self._dtypes[key].itemsize
+
+    def kind(self, key: str) -> str:
+        """How a tensor is stored: its dtype name ("bfloat16", "float8_e4m3fn", …)."""
+        return str(self._dtypes[key]).removeprefix("torch.")
+
     def get_stored(self, key: str) -> torch.Tensor:
         """Read one tensor exactly as stored (float8 stays float8)."""
         i = self._where[key]

@@ -62,13 +62,15 @@ class CheckpointInfo:
     family: str  # "flux1-dev" | "flux2-klein-4b" | "z-image" | ... | "<family>-custom"
     config: object
     num_params: int
-    dtypes: dict[str, int]  # dtype name -> tensor count
+    dtypes: dict[str, int]  # storage kind (dtype name, or GGML type for GGUF) -> tensor count
     metadata: dict[str, str]
     family_kind: str = "flux1"  # the family module: "flux1" | "flux2" | "zimage"
+    weight_bytes: int = 0  # bytes of the model's tensors as stored (packed for quantized ones)
 
     def summary(self) -> dict:
         return {"path": self.path, "family": self.family, "format": self.format, "parameters": self.num_params,
-                "dtypes": self.dtypes, **family_module(self.family_kind).summary(self.config)}
+                "weight_bytes": self.weight_bytes, "dtypes": self.dtypes,
+                **family_module(self.family_kind).summary(self.config)}
 
 
 def _diffusers_config(p: Path) -> dict | None:
@@ -137,10 +139,11 @@ class Checkpoint:
         n = sum(int(torch.Size(self.files.shapes[s]).numel()) for s in srcs)
         dtypes: dict[str, int] = {}
         for s in srcs:
-            name = str(self.files.dtypes[s]).removeprefix("torch.")
+            name = self.files.kind(s)
             dtypes[name] = dtypes.get(name, 0) + 1
         return CheckpointInfo(str(self.path), self.format, self.family.family_name(self.config), self.config, n, dtypes,
-                              dict(self.files.metadata), family_kind=self.family.NAME)
+                              dict(self.files.metadata), family_kind=self.family.NAME,
+                              weight_bytes=sum(self.files.nbytes(s) for s in srcs))
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype holding most parameters; float8 (and anything else narrow) computes in bfloat16."""

@@ -296,6 +296,7 @@ def info(path: Path = typer.Argument(..., help="a checkpoint file or folder, or 
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Tell what a checkpoint is: family, format, parameter count, dtypes, depth, per-block MLP widths."""
     from ..checkpoints.loader import Checkpoint
+    from ..memory import format_bytes
     from ..paths import transformer_path
 
     with Checkpoint(transformer_path(path)) as ck:
@@ -304,8 +305,8 @@ def info(path: Path = typer.Argument(..., help="a checkpoint file or folder, or 
         print(json.dumps(s))
         return
     labels = {"double_mlp": "double_mlp (img, txt)"}
-    rows = [(labels.get(k, k), _widths(v) if isinstance(v, list) else f"{v:,}" if k == "parameters" else str(v))
-            for k, v in s.items()]
+    rows = [(labels.get(k, k), _widths(v) if isinstance(v, list) else f"{v:,}" if k == "parameters"
+             else f"{v:,} ({format_bytes(v)})" if k == "weight_bytes" else str(v)) for k, v in s.items()]
     if not out.is_terminal:  # piped: plain lines, nothing cut
         for k, v in rows:
             print(f"{k}: {v}")
