@@ -90,11 +90,13 @@ def file_digests(path: str | os.PathLike, progress: Progress | None = None) -> F
     hit = _lookup(key, st.st_size, st.st_mtime_ns)
     if hit is not None:
         return hit
-    from .gguf_file import is_gguf
+    from .gguf_file import MAGIC
 
     with open(p, "rb") as f:
         before = os.fstat(f.fileno())
-        digests = _gguf_digests(f, p, before.st_size, progress) if is_gguf(p) else _read_digests(f, p, before.st_size, progress)
+        gguf = f.read(len(MAGIC)) == MAGIC
+        f.seek(0)
+        digests = (_gguf_digests if gguf else _read_digests)(f, p, before.st_size, progress)
         after = os.fstat(f.fileno())
     if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
         _store(key, before.st_size, before.st_mtime_ns, digests)
