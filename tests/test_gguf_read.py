@@ -115,3 +115,28 @@ def test_info_shows_formats_and_bytes(city96, capsys):
     assert s["weight_bytes"] < path.stat().st_size
     assert main(["info", str(path)]) == 0
     assert "Q8_0" in capsys.readouterr().out
+
+
+def test_gguf_pipeline_keeps_the_blocks_packed_and_generates_as_dequantized(tmp_path):
+    """rflow.load on a GGUF transformer: its quantized linears stay GGUF blocks (GGUFLinear), resident
+    bytes are the packed bytes, and generation equals the expanded model exactly."""
+    from pipeline_ref import tiny_pipeline
+
+    import rflow
+    from rflow.quant.linear import GGUFLinear, quant_layers
+
+    pipe = tiny_pipeline(guidance=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    path = tmp_path / "pipe" / "flux-Q8_0.gguf"
+    types = write_city96(to_bfl(pipe.transformer.state_dict()), path)
+    parts = dict(vae=tmp_path / "pipe" / "vae", text_encoders=tmp_path / "pipe", device="cpu", dtype=torch.float32)
+    packed = rflow.load(path, **parts)
+    expanded = rflow.load(path, keep_quantized=False, **parts)
+    layers = quant_layers(packed.transformer)
+    assert {f"{n}.weight" for n in layers} == {k for k, q in types.items() if q == "Q8_0"}
+    assert all(isinstance(m, GGUFLinear) and m.qtype == "Q8_0" for m in layers.values())
+    assert not quant_layers(expanded.transformer)
+    resident = sum(b.numel() * b.element_size() for b in packed.transformer.buffers() if b.dtype == torch.uint8)
+    assert resident == sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors if t.tensor_type.name == "Q8_0")
+    kw = dict(width=24, height=16, steps=3, max_sequence_length=16, output_type="latent")
+    assert torch.equal(packed.generate("a red cat", **kw), expanded.generate("a red cat", **kw))

@@ -123,3 +123,24 @@ def test_comfyui_scaled_fp8_applies_the_scale(flux_file, tmp_path, marker):
         assert torch.equal(got[k], v), k
     bare = next(k for k in want if prefix + k[: -len("weight")] + "scale_weight" in out)
     assert not torch.equal(got[bare], out[prefix + bare].float())  # the scale was applied
+
+
+@pytest.mark.skipif(FP8 is None, reason="this torch has no float8_e4m3fn")
+def test_keep_quantized_fp8_builds_fp8_layers(flux_file, tmp_path):
+    from rflow.quant.linear import Fp8Linear, quant_layers
+    from rflow.quant.load import keep_quantized_plan
+
+    ref, path = flux_file
+    sd = load_file(str(path))
+    fp8 = {k: (v.to(FP8) if v.ndim == 2 and "mlp" in k else v) for k, v in sd.items()}
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    plan = keep_quantized_plan(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    kept, _ = load_transformer(tmp_path / "fp8.safetensors", plan=plan)
+    layers = quant_layers(kept)
+    assert {f"{n}.weight" for n in layers} == {k for k, v in fp8.items() if v.dtype == FP8}
+    assert all(isinstance(m, Fp8Linear) and m.qweight.dtype == FP8 for m in layers.values())
+    upcast, _ = load_transformer(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    _, args = diffusers_inputs(ref, h=2, w=3)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(*args), upcast(*args), rtol=0, atol=0)
+    assert keep_quantized_plan(path) is None  # nothing quantized: load as usual

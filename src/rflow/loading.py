@@ -39,6 +39,7 @@ def load(
     vae: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    keep_quantized: bool | None = None,
 ) -> Pipeline:
     """Load a pipeline of any family (FLUX.1, FLUX.2-klein, Z-Image, rflow-tiny).
 
@@ -48,7 +49,10 @@ def load(
     to it (``ae.safetensors`` or ``vae/``; ``text_encoder/`` and ``tokenizer/`` folders, FLUX.1 also
     ``text_encoder_2/`` and ``tokenizer_2/``) unless ``vae`` / ``text_encoders`` point elsewhere.
     ``device`` defaults to CUDA when available, ``dtype`` to bfloat16 on CUDA and float32 on CPU.
+    ``keep_quantized``: keep GGUF and float8 linear weights packed (rflow.quant layers) instead of
+    expanding them to ``dtype``; the default for GGUF files.
     """
+    from .checkpoints.gguf_file import is_gguf
     from .options import device as check_device
     from .paths import resolve_model
 
@@ -76,7 +80,12 @@ def load(
     codec = fam.load_codec(vae_path, device=dev, dtype=dtype)
     text = fam.load_text(te_path, device=dev, dtype=dtype)
     fam.check_parts_fit(config, codec, text, where=str(p))
-    model, info = load_transformer(transformer_path, device=dev, dtype=dtype)
+    plan = None
+    if keep_quantized or (keep_quantized is None and transformer_path.is_file() and is_gguf(transformer_path)):
+        from .quant.load import keep_quantized_plan
+
+        plan = keep_quantized_plan(transformer_path, device=dev, dtype=dtype)
+    model, info = load_transformer(transformer_path, device=dev, dtype=dtype, plan=plan)
     kind, shift = fam.default_schedule(config, sched_cfg if isinstance(sched_cfg, dict) else None)
     return Pipeline(model, codec, text, Schedule(kind, shift), default_size=tuple(fam.DEFAULT_SIZE), name=info.family,
                     max_sequence_length=fam.MAX_SEQUENCE_LENGTH, fingerprint=fingerprint, model_hash=model_hash,

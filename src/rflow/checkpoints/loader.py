@@ -214,13 +214,14 @@ def load_transformer(path: str | os.PathLike, *, device=None, dtype: torch.dtype
         base_dtype = plan.dtype or ck.stored_dtype()
         with torch.device("meta"):
             model = ck.family.build(ck.config)
-        sd = {}
+        sd, stored = {}, set()
         for k in ck.plan:
             where = plan.tensor_placement(k) if plan.tensor_placement else None
             dev, dt = (where or (None, None))
             dev = dev if dev is not None else plan.device
             if dt == "stored":
                 sd[k] = ck.raw_tensor(k).to(dev)
+                stored.add(k)
             else:
                 dt = dt or base_dtype
                 srcs, fn = ck.plan[k]
@@ -231,11 +232,17 @@ def load_transformer(path: str | os.PathLike, *, device=None, dtype: torch.dtype
     if unexpected or missing:
         what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
         raise UserError(f"{path}: not a {ck.family.TITLE} transformer this build understands ({what})")
-    for k, t in expected.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
+    for k, t in expected.items():  # tensors kept as stored (packed) are checked by the layer built from them
+        if k not in stored and tuple(sd[k].shape) != tuple(t.shape):
             raise UserError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
     if plan.build_layer is not None:
-        _replace_layers(model, sd, plan.build_layer)
+        try:
+            _replace_layers(model, sd, plan.build_layer)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: {' '.join(str(e).split())}") from None
+    for k, t in model.state_dict().items():
+        if k in stored and k in sd and tuple(sd[k].shape) != tuple(t.shape):
+            raise UserError(f"{path}: {k} is stored as {tuple(sd[k].shape)} {sd[k].dtype}, which no layer here reads")
     model.load_state_dict(sd, assign=True, strict=True)
     model.info = info  # type: ignore[attr-defined]
     return model.eval().requires_grad_(False), info
@@ -246,7 +253,10 @@ def _replace_layers(model: nn.Module, sd: dict, build_layer) -> None:
         if not isinstance(mod, nn.Linear):
             continue
         tensors = {p: sd[f"{name}.{p}"] for p in ("weight", "bias") if f"{name}.{p}" in sd}
-        new = build_layer(name, mod, tensors)
+        try:
+            new = build_layer(name, mod, tensors)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{name}: {e}") from None
         if new is None:
             continue
         parent, _, leaf = name.rpartition(".")
