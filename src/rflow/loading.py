@@ -32,6 +32,14 @@ def _layout(path: Path) -> tuple[Path, Path]:
     return path, path.parent  # a single file or a transformer/ folder: companions sit beside it
 
 
+def _has_quant_metadata(path: Path) -> bool:
+    from .checkpoints.io import open_weights
+    from .checkpoints.plan import QUANT_METADATA_KEY
+
+    with open_weights(path) as f:
+        return QUANT_METADATA_KEY in f.metadata
+
+
 def load(
     path: str | os.PathLike | None = None,
     *,
@@ -49,8 +57,8 @@ def load(
     to it (``ae.safetensors`` or ``vae/``; ``text_encoder/`` and ``tokenizer/`` folders, FLUX.1 also
     ``text_encoder_2/`` and ``tokenizer_2/``) unless ``vae`` / ``text_encoders`` point elsewhere.
     ``device`` defaults to CUDA when available, ``dtype`` to bfloat16 on CUDA and float32 on CPU.
-    ``keep_quantized``: keep GGUF and float8 linear weights packed (rflow.quant layers) instead of
-    expanding them to ``dtype``; the default for GGUF files.
+    ``keep_quantized``: keep GGUF, rflow-quantized and float8 linear weights packed (rflow.quant layers)
+    instead of expanding them to ``dtype``; the default for GGUF files and rflow's quantized files.
     """
     from .checkpoints.gguf_file import is_gguf
     from .options import device as check_device
@@ -81,7 +89,9 @@ def load(
     text = fam.load_text(te_path, device=dev, dtype=dtype)
     fam.check_parts_fit(config, codec, text, where=str(p))
     plan = None
-    if keep_quantized or (keep_quantized is None and transformer_path.is_file() and is_gguf(transformer_path)):
+    if keep_quantized is None:  # GGUF files and rflow's quantized layout stay packed unless asked otherwise
+        keep_quantized = transformer_path.is_file() and (is_gguf(transformer_path) or _has_quant_metadata(transformer_path))
+    if keep_quantized:
         from .quant.load import keep_quantized_plan
 
         plan = keep_quantized_plan(transformer_path, device=dev, dtype=dtype)

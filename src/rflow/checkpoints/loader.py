@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import UserError
 from .io import SafetensorsFiles, open_weights, read_json
-from .plan import plan_shapes
+from .plan import Dequant, plan_shapes, quantized_layers, with_quantized_layers
 
 
 def families() -> tuple[ModuleType, ...]:
@@ -102,6 +102,9 @@ class Checkpoint:
                     raise UserError(f"not a {self.family.TITLE} transformer checkpoint")
                 self.format, prefix = hit
             self.plan = self.family.plan(keys, self.format, prefix)
+            quantized = quantized_layers(self.files.metadata, p)
+            if quantized:
+                self.plan = with_quantized_layers(self.plan, quantized)
         except UserError as e:
             raise UserError(f"{p}: {e}") from None
         try:
@@ -120,7 +123,10 @@ class Checkpoint:
             extra = [k for k in keys if k in unused and not k.startswith("rflow.")]
             if extra:
                 raise UserError(f"unexpected tensor {extra[0]!r} in a diffusers {self.family.TITLE} transformer")
+        packed = {s for srcs, fn in self.plan.values() if isinstance(fn, Dequant) for s in srcs}
         for s in used:
+            if s in packed:
+                continue
             dt = self.files.dtypes[s]
             if not dt.is_floating_point:
                 raise UserError(f"{s} has dtype {str(dt).removeprefix('torch.')}, expected a floating-point tensor")
@@ -192,7 +198,8 @@ class LoadPlan:
 
     ``dtype=None`` keeps the checkpoint's dtype (float8 -> bfloat16). ``tensor_placement(key)`` may
     return (device, dtype) for one tensor, either None to keep the default; dtype ``"stored"`` keeps
-    that tensor exactly as stored (float8 included). ``build_layer(name, linear, tensors)`` is called for
+    that tensor exactly as stored (float8 included), ``"skip"`` leaves it unread for ``build_layer`` to
+    provide. ``build_layer(name, linear, tensors)`` is called for
     every ``nn.Linear`` with its tensors ({"weight": …, "bias": …}, after placement) and may return a
     module to put in its place (it must compute the same function of its input), or None."""
 
@@ -219,7 +226,9 @@ def load_transformer(path: str | os.PathLike, *, device=None, dtype: torch.dtype
             where = plan.tensor_placement(k) if plan.tensor_placement else None
             dev, dt = (where or (None, None))
             dev = dev if dev is not None else plan.device
-            if dt == "stored":
+            if dt == "skip":  # not read here: the plan's build_layer provides the module that owns it
+                stored.add(k)
+            elif dt == "stored":
                 sd[k] = ck.raw_tensor(k).to(dev)
                 stored.add(k)
             else:
@@ -228,12 +237,12 @@ def load_transformer(path: str | os.PathLike, *, device=None, dtype: torch.dtype
                 sd[k] = fn([ck.files.get(s, dt) for s in srcs]).to(device=dev, dtype=dt)
     expected = model.state_dict()
     unexpected = sorted(set(sd) - set(expected))
-    missing = sorted(set(expected) - set(sd))
+    missing = sorted(set(expected) - set(sd) - stored)
     if unexpected or missing:
         what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
         raise UserError(f"{path}: not a {ck.family.TITLE} transformer this build understands ({what})")
     for k, t in expected.items():  # tensors kept as stored (packed) are checked by the layer built from them
-        if k not in stored and tuple(sd[k].shape) != tuple(t.shape):
+        if k not in stored and k in sd and tuple(sd[k].shape) != tuple(t.shape):
             raise UserError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
     if plan.build_layer is not None:
         try:

@@ -31,6 +31,53 @@ def swap_halves(ts):
     return torch.cat([shift, scale], dim=0)
 
 
+class Dequant:
+    """Combine for a layer stored quantized in rflow's own layout (``X.qweight`` [+ ``X.scale``]):
+    dequantizes to the logical weight, whose shape it knows without reading (``out_shape``)."""
+
+    def __init__(self, format: str, out_shape: tuple[int, int]):
+        self.format, self.out_shape = format, tuple(int(d) for d in out_shape)
+
+    def __call__(self, ts):
+        from ..quant.formats import dequantize_stored
+
+        return dequantize_stored(self.format, ts, self.out_shape)
+
+
+QUANT_METADATA_KEY = "rflow.quant"  # {"version": 1, "layers": {layer: {"format": F, "shape": [out, in]}}}
+QUANT_VERSION = 1
+
+
+def quantized_layers(metadata: dict[str, str], where) -> dict[str, tuple[str, tuple[int, int]]]:
+    """layer -> (format, (out, in)) from rflow's quantization metadata ({} if the file has none)."""
+    import json
+
+    if QUANT_METADATA_KEY not in metadata:
+        return {}
+    try:
+        meta = json.loads(metadata[QUANT_METADATA_KEY])
+        if meta.get("version") != QUANT_VERSION:
+            raise UserError(f"{where}: quantization format version {meta.get('version')} is not {QUANT_VERSION}")
+        return {str(k): (str(v["format"]), (int(v["shape"][0]), int(v["shape"][1]))) for k, v in meta["layers"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        raise UserError(f"{where}: invalid {QUANT_METADATA_KEY} metadata") from None
+
+
+def with_quantized_layers(plan: Plan, layers: dict[str, tuple[str, tuple[int, int]]]) -> Plan:
+    """A plan whose quantized layers (``X.qweight`` [+ ``X.scale``]) build the logical ``X.weight``."""
+    out = dict(plan)
+    for layer, (fmt, shape) in layers.items():
+        q = out.pop(f"{layer}.qweight", None)
+        if q is None:
+            raise UserError(f"quantization metadata names {layer!r}, but {layer}.qweight is not in the file")
+        srcs = list(q[0])
+        scale = out.pop(f"{layer}.scale", None)
+        if scale is not None:
+            srcs += scale[0]
+        out[f"{layer}.weight"] = (srcs, Dequant(fmt, shape))
+    return out
+
+
 def block_indices(keys, prefix: str) -> list[int]:
     """The block numbers N of keys ``{prefix}N.…``, checked to run 0, 1, …, n − 1."""
     idx = set()
@@ -85,7 +132,9 @@ def plan_shapes(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, tup
     Concatenated sources of the wrong rank count as zero rows here; config inference names them."""
     out = {}
     for dst, (srcs, fn) in plan.items():
-        if fn is cat:
+        if isinstance(fn, Dequant):
+            out[dst] = fn.out_shape
+        elif fn is cat:
             parts = [tuple(shapes[s]) for s in srcs if len(shapes[s]) >= 1]
             out[dst] = (sum(s[0] for s in parts),) + (parts[0][1:] if parts else ())
         else:
@@ -125,6 +174,10 @@ def check_against_model(expected: dict[str, tuple[int, ...]], shapes: dict[str, 
         raise UserError(f"unexpected tensor {label(extra[0])!r} for {model}")
     for k, want in expected.items():
         srcs, combine = plan[k]
+        if isinstance(combine, Dequant):  # packed: the logical shape is the metadata's
+            if combine.out_shape != tuple(want):
+                raise UserError(f"{srcs[0]} holds a {combine.out_shape} weight, expected {tuple(want)} {why(k)}")
+            continue
         if combine is not cat:  # one tensor (a scaled-fp8 weight's second source is its scale)
             parts = [(srcs[0], want)]
         else:

@@ -83,6 +83,8 @@ def generate(
     force: bool = force_option(),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N | mps (default: cuda if present)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16"),
+    compute: str = typer.Option("auto", "--compute", help="quantized layers: auto | dequant | int8 | fp8 (auto: fp8 "
+                                                          "on Ada/Hopper, int8 on CUDA, dequant otherwise)"),
 ):
     """Generate images from a prompt and save them as PNG with their settings embedded."""
     import time
@@ -98,6 +100,8 @@ def generate(
     if solver not in SOLVERS:
         raise UserError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     options.steps(steps)
+    if compute not in ("auto", "dequant", "int8", "fp8"):
+        raise UserError(f"unknown --compute {compute!r}; choose auto, dequant, int8 or fp8")
     options.guidance(guidance, "--guidance")
     options.number(cfg, "--cfg", low=1)
     options.integer(batch, "--batch", low=1, high=4096)
@@ -123,6 +127,10 @@ def generate(
         pipe = load_with_patches(model_path, patches, **kw)
     else:
         pipe = load(model_path, **kw)
+    from ..quant.linear import quant_layers, set_compute
+
+    if quant_layers(pipe.transformer) or compute != "auto":
+        set_compute(pipe.transformer, compute)
     refs = pipe.reference_images(refs)
     width, height = pipe.resolve_size(width, height, refs)
     guidance = pipe.resolve_guidance(guidance)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 INT8_MAX = 127
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0
@@ -94,3 +96,19 @@ def packed_nbytes(shape: tuple[int, int], fmt: str) -> int:
         raise ValueError(f"unknown format {fmt!r}")
     rows, cols = shape
     return rows * cols + 4 * rows
+
+
+def dequantize_stored(fmt: str, tensors: list[Tensor], shape: tuple[int, int],
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """A weight from the tensors rflow's quantized layout stores for it: ``[qweight, scale]`` for int8
+    and fp8, ``[qweight]`` (packed GGUF blocks) for a GGUF type."""
+    from . import gguf_codecs
+
+    f = fmt.lower()
+    if f in ("int8", "fp8"):
+        q, scale = tensors
+        w = dequantize_int8(q, scale, dtype) if f == "int8" else dequantize_fp8(q, scale, dtype)
+        if tuple(w.shape) != tuple(shape):
+            raise UserError(f"a {fmt} weight of shape {tuple(w.shape)} where {tuple(shape)} was recorded")
+        return w
+    return gguf_codecs.dequantize(tensors[0], fmt, tuple(shape), dtype)
