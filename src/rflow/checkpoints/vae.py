@@ -321,8 +321,9 @@ def _check_against(
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def _resolve(path: Path) -> tuple[Path, Path | None]:
-    """(weights path for open_weights, diffusers config.json or None)."""
+def resolve_vae_path(path: Path) -> tuple[Path, Path | None]:
+    """(weights path for open_weights, diffusers config.json or None) of a VAE file, a diffusers ``vae/``
+    folder, or a pipeline folder holding one (FLUX.1's and FLUX.2's VAEs alike)."""
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
     if path.is_file():
@@ -331,7 +332,7 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
     if (path / "config.json").is_file():
         return path, path / "config.json"
     if (path / "vae").is_dir():
-        return _resolve(path / "vae")
+        return resolve_vae_path(path / "vae")
     if (path / "ae.safetensors").is_file():
         return path / "ae.safetensors", None
     if (path / "model_index.json").is_file():
@@ -364,7 +365,7 @@ def load_vae(
     ``device=None`` leaves it on the CPU. Bad paths and files raise :class:`UserError`.
     """
     src = Path(path).expanduser()
-    weights_path, config_json = _resolve(src)
+    weights_path, config_json = resolve_vae_path(src)
     with open_weights(weights_path) as w:
         prefix, layout = _detect(w.keys(), weights_path)
         own = [k for k in w.keys() if k.startswith(prefix) and k[len(prefix):].startswith(_PARTS)]

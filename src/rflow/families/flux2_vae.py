@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoints.io import majority, open_weights, read_json, tensor_kind
 from ..checkpoints.plan import Plan, one
-from ..checkpoints.vae import diffusers_key_to_bfl
+from ..checkpoints.vae import diffusers_key_to_bfl, resolve_vae_path
 from ..errors import UserError
 from ..models.vae2 import PATCH, Flux2Codec, Flux2VAEConfig
 
@@ -287,31 +287,13 @@ def _check_against(config: Flux2VAEConfig, shapes: Mapping[str, tuple[int, ...]]
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def _resolve(path: Path) -> tuple[Path, Path | None]:
-    """(weights path for open_weights, diffusers config.json or None)."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    if path.is_file():
-        sibling = path.parent / "config.json"
-        return path, sibling if sibling.is_file() else None
-    if (path / "config.json").is_file():
-        return path, path / "config.json"
-    if (path / "vae").is_dir():
-        return _resolve(path / "vae")
-    if (path / "ae.safetensors").is_file():
-        return path / "ae.safetensors", None
-    if (path / "model_index.json").is_file():
-        raise UserError(f"{path}: pipeline folder has no vae/ subfolder")
-    return path, None
-
-
 def load_flux2_vae(path: str | os.PathLike, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Flux2Codec:
     """Load a FLUX.2 VAE (BFL ``ae.safetensors``, diffusers ``vae/`` folder or file, pipeline root), eval, frozen.
 
     ``dtype=None`` keeps the checkpoint's floating dtype (float32 when it mixes dtypes, bfloat16 for float8);
     ``device=None`` leaves it on the CPU."""
-    weights_path, config_json = _resolve(Path(path).expanduser())
+    weights_path, config_json = resolve_vae_path(Path(path).expanduser())
     with open_weights(weights_path) as w:
         keys = w.keys()
         found = detect_flux2_vae(keys)

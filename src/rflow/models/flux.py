@@ -20,8 +20,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class BlockLayout:
+    """What FLUX.1 and FLUX.2 configs share: heads over ``hidden_size``, double blocks as (img, txt) MLP
+    width pairs (``double_mlp``), single blocks as widths (``single_mlp``), RoPE ``axes_dim``."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def depth(self) -> int:
+        return len(self.double_mlp)
+
+    @property
+    def depth_single(self) -> int:
+        return len(self.single_mlp)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["axes_dim"] = list(self.axes_dim)
+        d["double_mlp"] = [list(p) for p in self.double_mlp]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
 @dataclass
-class FluxConfig:
+class FluxConfig(BlockLayout):
     hidden_size: int = 3072
     num_heads: int = 24
     in_channels: int = 64
@@ -46,28 +73,6 @@ class FluxConfig:
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"RoPE axes {self.axes_dim} must sum to the head dim {self.head_dim}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def depth(self) -> int:
-        return len(self.double_mlp)
-
-    @property
-    def depth_single(self) -> int:
-        return len(self.single_mlp)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["axes_dim"] = list(self.axes_dim)
-        d["double_mlp"] = [list(p) for p in self.double_mlp]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FluxConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def flux1_dev(cls) -> "FluxConfig":

@@ -17,17 +17,17 @@ velocity ``v = noise - x0``. As BFL and diffusers, the sinusoidal embedding sees
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flux import EmbedND, QKNorm, attention, split_heads, timestep_embedding
+from .flux import BlockLayout, EmbedND, QKNorm, attention, split_heads, timestep_embedding
 
 
 @dataclass
-class Flux2Config:
+class Flux2Config(BlockLayout):
     """Defaults are FLUX.2-klein-4B (``rflow.families.flux2.KLEIN_4B``)."""
 
     hidden_size: int = 3072
@@ -56,27 +56,6 @@ class Flux2Config:
         if any(len(p) != 2 for p in self.double_mlp) or min(widths, default=1) < 1:
             raise ValueError("MLP widths must be positive, (img, txt) pairs for double blocks")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def depth(self) -> int:
-        return len(self.double_mlp)
-
-    @property
-    def depth_single(self) -> int:
-        return len(self.single_mlp)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["axes_dim"] = list(self.axes_dim)
-        d["double_mlp"] = [list(p) for p in self.double_mlp]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Flux2Config":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 # ----------------------------------------------------------------------------------------------
