@@ -64,7 +64,8 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import UserError
 from ..outputs import check_output, replacing
-from .capture_format import INDEX, SCHEMA, VERSION, CaptureReader, Record, _BudgetReached, _Writer, digest, is_capture_dir
+from .capture_format import INDEX, SCHEMA, VERSION, Record, _BudgetReached, _Writer, is_capture_dir
+from .capture_reader import CaptureReader, digest
 from .units import family_of, layer_refs, n_layers, parse_layers
 
 __all__ = ["INDEX", "SCHEMA", "SHARD_BYTES", "VERSION", "CaptureReader", "Record", "capture", "format_bytes", "get_block",

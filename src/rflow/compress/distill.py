@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import NonFiniteError, UserError
 from .capture import CaptureReader, Record, layer_kind, residual_blocks, resolve_layers
-from .capture_format import collate, group_batches
+from .capture_reader import collate, group_batches
 from .units import family_of, layer_refs
 
 TRAIN_MODES = ("mlp", "block")
