@@ -641,3 +641,25 @@ def test_interrupt_prints_one_line_and_keeps_outputs(capsys, tmp_path, existing,
     rc, _, err = cli(capsys, "generate", PROMPT, "--steps", "2", "-o", existing, "--force")
     assert rc == 130 and err.strip() == "rflow: interrupted"
     assert snapshot(existing) == before
+
+
+def test_interrupt_after_the_output_was_swapped_in_says_so(capsys, tmp_path, existing, monkeypatch):
+    """A Ctrl-C that lands once the new output is in place: exit 130, and a note names the (complete)
+    output, so "interrupted" never hides that the earlier file was replaced."""
+    import rflow.outputs
+
+    real = rflow.outputs._commit
+
+    def commit_then_interrupt(tmp, dst, kind):
+        real(tmp, dst, kind)
+        raise KeyboardInterrupt
+
+    before = snapshot(existing)
+    monkeypatch.setattr(rflow.outputs, "_commit", commit_then_interrupt)
+    rc, _, err = cli(capsys, "generate", PROMPT, "--steps", "2", "-o", existing, "--force")
+    lines = err.strip().splitlines()
+    assert rc == 130 and lines[-1] == "rflow: interrupted"
+    assert lines[:-1] == [f"rflow: note: {existing} was written before the interrupt and is complete"]
+    assert snapshot(existing) != before
+    with Image.open(existing) as im:
+        im.load()

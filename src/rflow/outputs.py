@@ -12,7 +12,8 @@
 * :func:`atomic_write_bytes` is :func:`replacing` for bytes already in memory.
 * :func:`request_interrupt` records a Ctrl-C that may have been swallowed (Python drops an exception
   raised inside a ``__del__``); from then on no output is swapped in — the swap raises
-  ``KeyboardInterrupt`` instead — until :func:`clear_interrupt`.
+  ``KeyboardInterrupt`` instead — until :func:`clear_interrupt`. :func:`committed` lists the outputs
+  swapped in since :func:`start_run`, so a Ctrl-C that lands after an output is in place can say so.
 * Files swapped in get the usual ``0666 & ~umask`` mode, whatever the writer of the sibling chose.
 """
 
@@ -30,6 +31,7 @@ from .errors import UserError, flag
 TMP_TAG = ".rflow-tmp-"
 
 _interrupted = False
+_committed: list[str] = []  # outputs swapped in since start_run(): an interrupt after them did not stop them
 
 
 def request_interrupt() -> None:
@@ -41,6 +43,17 @@ def request_interrupt() -> None:
 def clear_interrupt() -> None:
     global _interrupted
     _interrupted = False
+
+
+def start_run() -> None:
+    """Forget earlier interrupts and swapped-in outputs (a command starts)."""
+    clear_interrupt()
+    _committed.clear()
+
+
+def committed() -> list[str]:
+    """The outputs swapped in since :func:`start_run`, in order."""
+    return list(_committed)
 
 
 def interrupt_requested() -> bool:
@@ -176,23 +189,31 @@ def _default_modes(tmp: Path, kind: str) -> None:
 
 
 def _commit(tmp: Path, dst: Path, kind: str) -> None:
+    def swapped() -> None:  # in place from here on: an interrupt now must not claim otherwise
+        _committed.append(str(dst))
+
     if kind == "file":
         _fsync_path(tmp)
         os.replace(tmp, dst)
+        swapped()
     elif dst.exists():
         if not dst.is_dir() or dst.is_symlink():
             _remove(dst)
             os.rename(tmp, dst)
+            swapped()
         elif _exchange(tmp, dst):
+            swapped()
             _remove(tmp)  # now holds the earlier output
         else:  # two renames: the earlier output is gone only once the new one is complete
             old = dst.with_name(f".{dst.name}.rflow-old-{os.getpid()}")
             _remove(old)
             os.rename(dst, old)
             os.rename(tmp, dst)
+            swapped()
             _remove(old)
     else:
         os.rename(tmp, dst)
+        swapped()
     _fsync_path(dst.parent)
 
 

@@ -77,7 +77,7 @@ def _out_of_memory(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line and exit code 2."""
     use_cli_names(True)
-    outputs.clear_interrupt()
+    outputs.start_run()
     old_handlers = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rflow: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return _exit(2, argv)
     except (KeyboardInterrupt, typer.Abort):
-        print("rflow: interrupted", file=sys.stderr)
+        _interrupted()
         return _exit(130, argv)
     except _CliError as e:  # usage errors: unknown option, missing argument, bad value
         if type(e).__name__ == "NoArgsIsHelpError":
@@ -120,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         outputs.clear_interrupt()
     rc = rc if isinstance(rc, int) else 0
     if rc == 130:  # typer turns Ctrl-C inside a command into exit code 130 without a word
-        print("rflow: interrupted", file=sys.stderr)
+        _interrupted()
     return _exit(rc, argv)
+
+
+def _interrupted() -> None:
+    """The interrupt line; outputs already swapped in before the interrupt are named first (they are
+    complete — the run stopped after writing them), everything else is as it was."""
+    for path in dict.fromkeys(outputs.committed()):
+        print(f"rflow: note: {path} was written before the interrupt and is complete", file=sys.stderr)
+    print("rflow: interrupted", file=sys.stderr)
 
 
 def _exit(code: int, argv) -> int:
