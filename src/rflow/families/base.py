@@ -179,7 +179,19 @@ class FamilyInfo:
 
 
 class Family(Protocol):
-    """The functions a family module defines (module-level), used by the loader and the pipeline."""
+    """The module-level names a family module defines (``rflow.families.flux1`` is the reference).
+
+    Identity: ``NAME``, ``TITLE``, ``CONFIG_CLASS``, ``STREAMS``, ``UNQUANTIZED`` (linear layers kept in
+    high precision). Checkpoints: ``detect(keys)``, ``plan(keys, layout, prefix)``,
+    ``overrides(metadata, diffusers_config)``, ``infer_config(shapes, overrides, plan=, source_shapes=)``,
+    ``config_metadata(config)``, ``build(config)``, ``family_name(config)``, ``summary(config)``.
+    Layers: ``layers(model_or_config)``, ``n_layers(config)``, ``config_from_widths(model)``. Pipeline:
+    ``DEFAULT_SIZE``, ``MAX_SEQUENCE_LENGTH``, ``DEFAULT_GUIDANCE`` (families with a guidance embedder),
+    ``CODEC_HELP``, ``TEXT_HELP``, ``latent_spec(config, codec_factor)``, ``image_seq_len(latent_shape)``,
+    ``default_schedule(config, scheduler_config)``, ``find_codec``/``load_codec``, ``find_text``/
+    ``load_text``, ``check_parts_fit(config, codec, text, where=)``, ``encode(text, prompts, max_len,
+    guidance=)`` -> ``Cond``, ``Denoiser(model, **options)``; optionally ``warn_if_truncated`` and, for
+    reference images, ``prepare_references``, ``add_references``, ``reference_default_size``."""
 
     NAME: str
 
@@ -192,3 +204,5 @@ class Family(Protocol):
     def build(self, config) -> nn.Module: ...  # call under torch.device("meta")
 
     def layers(self, model: nn.Module) -> list[LayerRef]: ...
+
+    def latent_spec(self, config, codec_factor: int) -> LatentSpec: ...
