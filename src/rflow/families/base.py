@@ -168,16 +168,6 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
-@dataclass
-class FamilyInfo:
-    """What ``rflow info`` reports about a loaded transformer."""
-
-    family: str  # "flux1-dev", "flux2-klein-4b", "z-image-turbo", ...
-    format: str  # checkpoint layout: "bfl" | "comfyui" | "diffusers" | "original"
-    num_params: int
-    dtypes: dict[str, int] = field(default_factory=dict)
-
-
 class Family(Protocol):
     """The module-level names a family module defines (``rflow.families.flux1`` is the reference).
 
