@@ -18,7 +18,7 @@ may take a per-token sigma, which Wan2.2's image-to-video and expert switching n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
