@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .io import WeightFiles
 
 MAGIC = b"GGUF"
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -39,7 +40,7 @@ def _short(e: Exception) -> str:
     return text[:200] if text else type(e).__name__
 
 
-class GGUFFile:
+class GGUFFile(WeightFiles):
     """One GGUF file as a lazy mapping ``key -> tensor`` (see the module docstring)."""
 
     def __init__(self, path: str | Path):
@@ -80,32 +81,6 @@ class GGUFFile:
             except (IndexError, ValueError):
                 continue
         return out
-
-    def __enter__(self) -> "GGUFFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass  # the reader's memory map closes with the object
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._shapes
-
-    @property
-    def dtypes(self) -> dict[str, torch.dtype]:
-        return self._dtypes
 
     def qtype(self, key: str) -> str:
         """The GGML type of a tensor: "F32", "F16", "BF16", "Q8_0", "Q4_K", …"""
@@ -150,10 +125,6 @@ class GGUFFile:
         except Exception as e:
             raise UserError(f"{self.paths[0]}: cannot dequantize tensor {key!r} ({_short(e)})") from None
         return torch.from_numpy(np.ascontiguousarray(values).reshape(self._shapes[key])).to(dtype or QUANTIZED_COMPUTE_DTYPE)
-
-    def items(self, dtype: torch.dtype | None = None):
-        for k in self._tensors:
-            yield k, self.get(k, dtype)
 
     def tensor_digests(self):
         """(dtype name, shape, sha256 of the stored bytes) per tensor, for content fingerprints."""

@@ -42,7 +42,46 @@ def _check_file(path: Path) -> None:
         raise UserError(f"{path}: not a safetensors file (bad header)")
 
 
-class SafetensorsFiles:
+class WeightFiles:
+    """What every weight reader shares (safetensors, GGUF): a lazy mapping ``key -> tensor`` whose
+    ``shapes`` and ``dtypes`` come from headers; subclasses fill ``_shapes``/``_dtypes`` and define
+    ``get``, ``get_stored``, ``nbytes``, ``kind`` and ``close``."""
+
+    _shapes: dict[str, tuple[int, ...]]
+    _dtypes: dict[str, torch.dtype]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._shapes
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return self._dtypes
+
+    def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self._shapes:
+            yield k, self.get(k, dtype)
+
+
+class SafetensorsFiles(WeightFiles):
     """A set of safetensors files seen as one lazy mapping ``key -> tensor``.
 
     ``shapes`` and ``dtypes`` come from the headers alone; ``get(key)`` reads one tensor.
@@ -71,31 +110,8 @@ class SafetensorsFiles:
             self._shapes[k] = tuple(sl.get_shape())
             self._dtypes[k] = _dtype_from_name(sl.get_dtype())
 
-    def __enter__(self) -> "SafetensorsFiles":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         self._handles.clear()
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._shapes
-
-    @property
-    def dtypes(self) -> dict[str, torch.dtype]:
-        return self._dtypes
 
     def nbytes(self, key: str) -> int:
         """Bytes a tensor takes in the file."""
@@ -121,10 +137,6 @@ class SafetensorsFiles:
         elif dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t
-
-    def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for k in self._where:
-            yield k, self.get(k, dtype)
 
 
 _DTYPES = {
