@@ -576,3 +576,21 @@ def test_fp8_scaled_mm_close_to_dequant():
         got = layer(x)
         assert got.dtype == torch.bfloat16 and got.shape == (m, n)
         assert rel(got.float(), deq.float()) < 0.06
+
+
+@needs_gguf
+def test_kquant_fallback_follows_llama_cpp(flux_dir):
+    """With fallback=True a K-quant layer whose input width 256 does not divide takes llama.cpp's fallback
+    type (Q6_K→Q8_0, Q5_K→Q5_1, Q4_K→Q5_0, Q3_K/Q2_K→Q4_0); layers it fits keep the K-quant."""
+    from rflow.quant.api import FALLBACK
+
+    assert FALLBACK == {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
+    for fmt, sub in FALLBACK.items():
+        model = load(flux_dir)
+        with pytest.raises(UserError, match="fallback=True"):
+            resolve_plan(model, fmt)
+        chosen = resolve_plan(model, fmt, fallback=True)
+        widths = {n: model.get_submodule(n).in_features for n in chosen}
+        assert chosen == {n: (fmt if w % 256 == 0 else sub) for n, w in widths.items()}
+        quantize_(model, fmt, fallback=True)
+        assert {n: m.format for n, m in quant_layers(model).items()} == chosen

@@ -113,3 +113,20 @@ def test_generate_runs_a_quantized_file_with_each_cpu_compute_path(capsys, tmp_p
     assert rc == 2 and err.startswith("rflow: error:") and "fp8" in err
     rc, _, err = cli(capsys, "generate", "a red cat", "--compute", "int4", "-o", tmp_path / "y.png")
     assert rc == 2 and "--compute" in err
+
+
+def test_kquant_to_gguf_with_llama_cpp_fallback(capsys, tmp_path):
+    """rflow-tiny's 192- and 960-wide layers do not fit Q4_K's 256 block: without --fallback that is a
+    one-line error naming the flag; with it those layers are Q5_0 in the GGUF file and the rest Q4_K."""
+    import gguf
+
+    out = tmp_path / "t.gguf"
+    rc, _, err = cli(capsys, "quantize", "--model", "rflow-tiny", "--to", "Q4_K", "-o", out)
+    assert rc == 2 and "--fallback" in err and err.count("\n") == 1 and not out.exists()
+    rc, stdout, err = cli(capsys, "quantize", "--model", "rflow-tiny", "--to", "Q4_K", "--fallback", "-o", out)
+    assert rc == 0, err
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if t.name.endswith(".weight")}
+    model = rflow.load().transformer
+    for name, m in quant_layers(quantize_(model, "Q4_K", fallback=True)).items():
+        assert types[name + ".weight"] == ("Q4_K" if m.in_features % 256 == 0 else "Q5_0") == m.format
+    assert {"Q4_K", "Q5_0"} <= set(types.values())

@@ -152,12 +152,18 @@ class Checkpoint:
                               weight_bytes=sum(self.files.nbytes(s) for s in srcs))
 
     def stored_dtype(self) -> torch.dtype:
-        """The dtype holding most parameters; float8 (and anything else narrow) computes in bfloat16."""
+        """The floating dtype holding most parameters; float8 (and anything else narrow) computes in
+        bfloat16. Packed quantized weights (integer storage) do not count: a quantized file's dense
+        tensors keep the precision they were written in."""
         by_numel: dict[torch.dtype, int] = {}
         for srcs, _ in self.plan.values():
             for s in srcs:
                 dt = self.files.dtypes[s]
+                if not dt.is_floating_point:
+                    continue
                 by_numel[dt] = by_numel.get(dt, 0) + int(torch.Size(self.files.shapes[s]).numel())
+        if not by_numel:
+            return torch.bfloat16
         stored = max(by_numel, key=by_numel.get)
         return stored if stored in (torch.float32, torch.float16) else torch.bfloat16
 

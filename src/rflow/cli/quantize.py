@@ -21,6 +21,11 @@ def quantize(
                                                                 "comma-separated (default: every eligible one)"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="PLAN.json: {layer glob: format}, first match wins"),
     output: Path = typer.Option(..., "-o", "--output", help=".safetensors (rflow's layout) or .gguf (ComfyUI-GGUF's)"),
+    fallback: bool = typer.Option(False, "--fallback", help="K-quants take llama.cpp's fallback type on layers whose "
+                                                            "input width 256 does not divide (Q6_K→Q8_0, Q5_K→Q5_1, "
+                                                            "Q4_K→Q5_0, Q3_K/Q2_K→Q4_0)"),
+    capture: Optional[Path] = typer.Option(None, "--capture", help="capture of --model (rflow capture) to distil the "
+                                                                   "blocks a --plan prunes on, when the plan was distilled"),
     as_json: bool = typer.Option(False, "--json", help="print the per-layer summary as JSON"),
     force: bool = force_option(),
 ):
@@ -28,12 +33,14 @@ def quantize(
     from ..memory import format_bytes
     from ..outputs import check_output
     from ..paths import resolve_model
-    from ..quant.save import quantize_checkpoint, read_plan
+    from ..quant.checkpoint import quantize_checkpoint, read_plan
 
     if (to is None) == (plan is None):
         raise UserError("give --to FORMAT (with --layers) or --plan PLAN.json")
     if plan is not None and layers is not None:
         raise UserError("--layers goes with --to; a --plan names its layers itself")
+    if capture is not None and plan is None:
+        raise UserError("--capture goes with --plan (it distils the blocks a plan prunes)")
     check_output(output, suffixes=(".safetensors", ".gguf"), force=force, what="the quantized model")
     if plan is not None:
         chosen = read_plan(plan)
@@ -42,7 +49,7 @@ def quantize(
         if not patterns:
             raise UserError("--layers names no layer pattern")
         chosen = {p: to for p in patterns}
-    res = quantize_checkpoint(resolve_model(model), output, chosen, force=force)
+    res = quantize_checkpoint(resolve_model(model), output, chosen, force=force, fallback=fallback, capture=capture)
     if as_json:
         print(json.dumps(res))
         return

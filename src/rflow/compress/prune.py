@@ -10,6 +10,8 @@ group are returned and saved with the model (``rflow.kept.<unit>``).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -115,3 +117,34 @@ def zero_units(model: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
 
 def kept_tensors(kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{KEPT_PREFIX}{u}": idx.cpu() for u, idx in kept.items()}
+
+
+def _structural_copy(module: nn.Module) -> nn.Module:
+    """A new module object holding the same children and tensors as ``module`` (its child dict is a copy,
+    so replacing a child of the copy leaves ``module`` alone)."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    return new
+
+
+def pruned_copy(model: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
+    """``model`` pruned to ``kept`` without touching it and without copying it: the result shares every
+    tensor with ``model`` except the residual blocks that hold a pruned unit group, which are sliced deep
+    copies (:func:`prune_model` on them); its config is a copy with the new widths. Cheap enough to make
+    one per candidate (the planner's pruning options), and what distillation needs: teacher and student
+    side by side."""
+    from .capture import residual_blocks
+
+    refs = _checked(model, kept)
+    blocks = residual_blocks(model)
+    prefixes = sorted({blocks[refs[u].layer] for u in kept})
+    root = _structural_copy(model)
+    root.config = copy.deepcopy(model.config)
+    for prefix in prefixes:
+        owner, parts = root, prefix.split(".")
+        for part in parts[:-1]:  # copy the containers on the path, so the new block goes into the copy only
+            child = _structural_copy(owner._modules[part])
+            owner._modules[part] = child
+            owner = child
+        owner._modules[parts[-1]] = copy.deepcopy(owner._modules[parts[-1]])
+    return prune_model(root, kept)

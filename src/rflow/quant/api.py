@@ -13,7 +13,10 @@ Eligible layers (:func:`linear_layers`): every ``nn.Linear`` of the model but th
 in high precision — the family module's ``UNQUANTIZED`` globs (FLUX.1/FLUX.2: the input embedders and
 the final layer; Z-Image: the embedders and the final layer); a model of no known family uses
 :data:`DEFAULT_UNQUANTIZED`. Widths may be anything (pruned models quantize like any other), except
-that a GGUF type needs an input width that is a multiple of its block size.
+that a GGUF type needs an input width that is a multiple of its block size. With ``fallback=True`` a
+K-quant (block 256) layer whose input width 256 does not divide takes llama.cpp's fallback type instead
+(:data:`FALLBACK`: Q6_K→Q8_0, Q5_K→Q5_1, Q4_K→Q5_0, Q3_K and Q2_K→Q4_0, block 32 — llama.cpp's IQ4_NL
+for the last two is not an rflow type; Q4_0 has its 4.5 bits per weight), as ``llama-quantize`` does.
 
 Nothing changes unless the whole plan is valid: a pattern that matches no eligible layer (a typo, or a
 layer the family keeps unquantized), an unknown format, or a GGUF block size that does not divide a
@@ -35,6 +38,9 @@ KEEP = ("keep", "bf16")
 # every family's high-precision layers, for a model whose family module has no UNQUANTIZED
 DEFAULT_UNQUANTIZED = ("img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*",
                        "x_embedder", "cap_embedder.*", "t_embedder.*")
+
+# llama.cpp's substitutes for a K-quant on a tensor whose row length is not a multiple of 256
+FALLBACK = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0"}
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -85,9 +91,23 @@ def normalize_format(fmt: str) -> str:
     return canonical_format(fmt)
 
 
-def resolve_plan(model: nn.Module, plan: dict[str, str] | str) -> dict[str, str]:
+def effective_format(fmt: str, in_features: int, *, fallback: bool = False) -> str | None:
+    """The format a layer of input width ``in_features`` gets for ``fmt`` (a normalized format): ``fmt``
+    itself, its :data:`FALLBACK` when ``fallback`` and the K-quant's block does not divide the width, or
+    None when the format cannot hold the layer."""
+    qt = gguf_qtypes().get(fmt)
+    if qt is None or in_features % qt.block_size == 0:
+        return fmt
+    sub = FALLBACK.get(fmt) if fallback else None
+    if sub is not None and in_features % gguf_qtypes()[sub].block_size == 0:
+        return sub
+    return None
+
+
+def resolve_plan(model: nn.Module, plan: dict[str, str] | str, *, fallback: bool = False) -> dict[str, str]:
     """{layer: format} for every eligible layer a pattern of ``plan`` matches ("keep" included), checked
-    as :func:`quantize_` checks it; nothing is changed."""
+    as :func:`quantize_` checks it; nothing is changed. ``fallback``: see the module docstring; the
+    result names the format each layer actually gets."""
     if isinstance(plan, str):
         plan = {"*": plan}
     if not isinstance(plan, dict) or not plan:
@@ -123,9 +143,14 @@ def resolve_plan(model: nn.Module, plan: dict[str, str] | str) -> dict[str, str]
         if fmt is None:
             continue
         if fmt in qtypes:
-            bs, width = qtypes[fmt].block_size, model.get_submodule(name).in_features
-            if width % bs:
-                raise UserError(f"{name}: {fmt} needs an input width that is a multiple of {bs}, and this layer's is {width}")
+            width = model.get_submodule(name).in_features
+            got = effective_format(fmt, width, fallback=fallback)
+            if got is None:
+                hint = (f"; allow llama.cpp's fallback type {FALLBACK[fmt]} (fallback=True, rflow quantize --fallback)"
+                        if fmt in FALLBACK and not fallback else "")
+                raise UserError(f"{name}: {fmt} needs an input width that is a multiple of {qtypes[fmt].block_size}, "
+                                f"and this layer's is {width}{hint}")
+            fmt = got
         out[name] = fmt
     return out
 
@@ -149,12 +174,14 @@ def _check_compute(model: nn.Module, chosen: dict[str, str], compute: str) -> No
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, plan: dict[str, str] | str, *, compute: str = "dequant") -> nn.Module:
+def quantize_(model: nn.Module, plan: dict[str, str] | str, *, compute: str = "dequant",
+              fallback: bool = False) -> nn.Module:
     """Replace, in place, each eligible ``nn.Linear`` a pattern of ``plan`` matches by the
     :class:`~rflow.quant.linear.QuantLinear` of its format, quantized on the layer's device (the dense
     weight is dropped; the bias is kept). ``compute``: the layers' compute mode afterwards
-    (:func:`~rflow.quant.linear.set_compute`: "dequant", "int8", "fp8" or "auto"). Returns ``model``."""
-    chosen = resolve_plan(model, plan)
+    (:func:`~rflow.quant.linear.set_compute`: "dequant", "int8", "fp8" or "auto"). ``fallback``: K-quants
+    take llama.cpp's fallback type on layers their block does not fit (module docstring). Returns ``model``."""
+    chosen = resolve_plan(model, plan, fallback=fallback)
     _check_compute(model, chosen, compute)
     for name, fmt in chosen.items():
         if fmt == "keep":

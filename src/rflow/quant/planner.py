@@ -33,8 +33,6 @@ chosen to minimise the predicted full-stack error within a byte budget.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import re
 from dataclasses import dataclass
@@ -46,9 +44,10 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError, UserError
+from .plan_options import (KEEP_LABEL, infeasible_reason, normalize_option, option_bytes, option_entry,  # noqa: F401 (re-exported)
+                           planned_model, quantized, split_option)
 
 DEFAULT_OPTIONS = "bf16,fp8,int8,Q8_0,Q6_K,Q5_1,Q4_1,Q4_K,Q3_K"
-KEEP_LABEL = "bf16"
 PLAN_VERSION = 1
 ERROR_METRIC = "velocity_mse"
 
@@ -57,16 +56,14 @@ ERROR_METRIC = "velocity_mse"
 
 
 def parse_options(spec: str) -> list[str]:
-    """``"bf16,fp8,Q8_0"`` -> the options as rflow names them ("bf16" = keep), duplicates dropped."""
-    from .api import normalize_format
-
+    """``"bf16,fp8,Q8_0,prune25,prune50+Q8_0"`` -> the options as the planner names them ("bf16" = keep;
+    :func:`rflow.quant.plan_options.normalize_option`), duplicates dropped."""
     out: list[str] = []
     for part in str(spec).split(","):
         part = part.strip()
         if not part:
             continue
-        fmt = normalize_format(part)
-        label = KEEP_LABEL if fmt == "keep" else fmt
+        label = normalize_option(part)
         if label not in out:
             out.append(label)
     if not out:
@@ -122,61 +119,6 @@ def group_units(layers: list[str], by: str = "block") -> dict[str, list[str]]:
     for name in layers:
         units.setdefault(block_of(name) if by == "block" else name, []).append(name)
     return units
-
-
-def option_bytes(shape: tuple[int, int], option: str) -> int:
-    """Packed weight bytes of a (out, in) weight in ``option`` ("bf16": 2 bytes a weight)."""
-    rows, cols = shape
-    if option == KEEP_LABEL:
-        return 2 * rows * cols
-    if option in ("int8", "fp8"):
-        from .formats import packed_nbytes
-
-        return packed_nbytes((rows, cols), option)
-    from .linear import gguf_codecs
-
-    return gguf_codecs().packed_nbytes((rows, cols), option)
-
-
-def infeasible_reason(model: nn.Module, layers: list[str], option: str) -> str | None:
-    """Why ``option`` cannot quantize all of ``layers`` (a block size that does not divide an input
-    width), or None."""
-    from .linear import gguf_qtypes
-
-    qt = gguf_qtypes().get(option)
-    if qt is None:
-        return None
-    for name in layers:
-        width = model.get_submodule(name).in_features
-        if width % qt.block_size:
-            return f"{name}: input width {width} is not a multiple of the {option} block size {qt.block_size}"
-    return None
-
-
-@contextlib.contextmanager
-def quantized(model: nn.Module, layers: dict[str, str]):
-    """``model`` with ``layers`` ({layer: option}) quantized for the duration of the block: each layer is
-    swapped for a quantized copy (:func:`rflow.quant.api.quantize_` on a deep copy of just that layer),
-    and the original modules are put back afterwards, untouched."""
-    from .api import quantize_
-
-    saved = []
-    try:
-        for name, option in layers.items():
-            if option == KEEP_LABEL:
-                continue
-            parent, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            original = getattr(owner, leaf)
-            holder = nn.Module()
-            holder.layer = copy.deepcopy(original)
-            quantize_(holder, {"layer": option})
-            setattr(owner, leaf, holder.layer)
-            saved.append((owner, leaf, original))
-        yield model
-    finally:
-        for owner, leaf, original in reversed(saved):
-            setattr(owner, leaf, original)
 
 
 # ---------------------------------------------------------------------------------------------- solver
@@ -255,8 +197,8 @@ def solve(costs: list[list[int]], errors: list[list[float]], budget: int, *, max
 
 
 def unit_table(model: nn.Module, options: list[str], by: str = "block") -> list[dict]:
-    """Per unit: its layers, weights, and for each option its bytes (errors not yet measured) or why it
-    is infeasible. No model call."""
+    """Per unit: its layers, weights, and for each option its bytes and the formats it puts on the layers
+    (errors not yet measured), or why it is infeasible. No model call."""
     from .api import linear_layers
 
     rows = []
@@ -264,11 +206,8 @@ def unit_table(model: nn.Module, options: list[str], by: str = "block") -> list[
         shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in layers}
         opts, bad = [], []
         for opt in options:
-            why = infeasible_reason(model, layers, opt)
-            if why is not None:
-                bad.append({"option": opt, "reason": why})
-                continue
-            opts.append({"option": opt, "bytes": sum(option_bytes(s, opt) for s in shapes.values())})
+            entry = option_entry(model, unit, layers, opt, by)
+            (bad if "reason" in entry else opts).append(entry)
         rows.append({"unit": unit, "layers": layers, "weights": sum(a * b for a, b in shapes.values()),
                      "bf16_bytes": sum(option_bytes(s, KEEP_LABEL) for s in shapes.values()),
                      "options": opts, "infeasible": bad})
@@ -281,18 +220,59 @@ def unit_table(model: nn.Module, options: list[str], by: str = "block") -> list[
     return rows
 
 
+def layer_formats(rows: list[dict], chosen: dict[str, str], model: nn.Module) -> dict[str, str]:
+    """{layer: format it gets} for ``chosen`` ({unit: option}): a pruning option's format, K-quants'
+    fallbacks resolved at the layer's (pruned) input width."""
+    from .plan_options import block_groups, layer_format, pruned_shapes
+
+    out: dict[str, str] = {}
+    for r in rows:
+        fraction, fmt = split_option(chosen[r["unit"]])
+        widths = ({n: model.get_submodule(n).in_features for n in r["layers"]} if fraction is None else
+                  {n: s[1] for n, s in pruned_shapes(model, r["layers"], block_groups(model, r["unit"]), fraction).items()})
+        out.update({n: layer_format(fmt, w) for n, w in widths.items()})
+    return out
+
+
+def prune_fractions(rows: list[dict], chosen: dict[str, str]) -> dict[str, float]:
+    return {r["unit"]: f for r in rows if (f := split_option(chosen[r["unit"]])[0]) is not None}
+
+
+def candidate(model: nn.Module, rows: list[dict], chosen: dict[str, str], stats=None, reader=None,
+              distill_settings: dict | None = None):
+    """The model of ``chosen`` ({unit: option}; units not named stay as they are) as a context manager
+    yielding (model, distillation report): :func:`rflow.quant.plan_options.planned_model` with the kept
+    units chosen from ``stats``."""
+    from .plan_options import choose_pruned
+
+    rows = [r for r in rows if r["unit"] in chosen]
+    fractions = prune_fractions(rows, chosen)
+    if fractions and stats is None:
+        raise ValueError("pruning options need activation statistics")
+    kept = choose_pruned(model, stats, fractions) if fractions else None
+    return planned_model(model, layer_formats(rows, chosen, model), kept, reader, distill_settings)
+
+
 def plan_error(pipe, trajectories, layers: dict[str, str]) -> dict:
     """Velocity errors (:meth:`~rflow.compress.measure.VelocityErrors.summary`) of ``pipe`` with ``layers``
     quantized, at the points of ``trajectories``; the model is restored afterwards."""
-    from ..compress.measure import velocity_errors
+    from .plan_measure import TrajectoryErrors
 
     with quantized(pipe.transformer, layers):
-        return velocity_errors(pipe, trajectories).summary()
+        return TrajectoryErrors(pipe, trajectories).error(pipe.transformer)
 
 
-def measure_units(pipe, trajectories, rows: list[dict], progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Fill in each (unit, option)'s error (:data:`ERROR_METRIC`) and relative error in ``rows``, in place;
-    options whose quantized model produces NaN/inf become infeasible. Returns ``rows``."""
+def measure_units(source, rows: list[dict], *, stats=None, reader=None, distill_settings: dict | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Fill in each (unit, option)'s error (:data:`ERROR_METRIC`) and relative error in ``rows``, in place,
+    from ``source`` (:mod:`rflow.quant.plan_measure`; pipe-and-trajectories pairs are accepted too); a
+    pruning option's distillation report goes into its entry. Options whose candidate produces NaN/inf
+    become infeasible. Returns ``rows``."""
+    from .plan_measure import TrajectoryErrors
+
+    if isinstance(source, tuple):
+        source = TrajectoryErrors(*source)
+    model = source.pipe.transformer
     total = sum(len(r["options"]) for r in rows)
     done = 0
     for r in rows:
@@ -303,11 +283,15 @@ def measure_units(pipe, trajectories, rows: list[dict], progress: Callable[[int,
                 kept.append(o)
             else:
                 try:
-                    s = plan_error(pipe, trajectories, {n: o["option"] for n in r["layers"]})
+                    with candidate(model, rows, {r["unit"]: o["option"]}, stats, reader, distill_settings) as (m, rep):
+                        s = source.error(m)
                 except NonFiniteError as e:
                     r["infeasible"].append({"option": o["option"], "reason": f"non-finite output ({e})"})
                 else:
                     o.update(error=s[ERROR_METRIC], rel_error=s["velocity_rel_mse"])
+                    if rep:
+                        o["distillation"] = [{k: d[k] for k in ("layer", "initial_heldout_mse", "final_heldout_mse")}
+                                             for d in rep]
                     kept.append(o)
             done += 1
             if progress is not None:
@@ -318,34 +302,50 @@ def measure_units(pipe, trajectories, rows: list[dict], progress: Callable[[int,
     return rows
 
 
-def choose(rows: list[dict], budget: int, *, max_cells: int | None = None) -> dict:
+def choose(rows: list[dict], budget: int, *, max_cells: int | None = None, model: nn.Module | None = None) -> dict:
     """The plan for ``budget`` bytes from measured ``rows`` (:func:`measure_units`): {"layers", "units" (rows
-    with "chosen"), "predicted_error", "bytes", "bf16_bytes", "budget_bytes", "solver"}."""
+    with "chosen"), "chosen" ({unit: option}), "predicted_error", "bytes", "bf16_bytes", "budget_bytes",
+    "solver"}. ``layers`` names each layer's format (``model`` resolves K-quant fallbacks and pruned
+    widths; without it a layer gets its unit's option's format)."""
     sol = solve([[o["bytes"] for o in r["options"]] for r in rows], [[o["error"] for o in r["options"]] for r in rows],
                 budget, max_cells=max_cells)
-    units, layers = [], {}
+    units, chosen = [], {}
     for r, j in zip(rows, sol.choice):
         opt = r["options"][j]["option"]
         units.append({**r, "chosen": opt})
-        layers.update({n: opt for n in r["layers"]})
-    return {"budget_bytes": int(budget), "layers": layers, "units": units, "predicted_error": sol.error,
-            "bytes": sol.bytes, "bf16_bytes": sum(r["bf16_bytes"] for r in rows),
+        chosen[r["unit"]] = opt
+    if model is not None:
+        layers = layer_formats(rows, chosen, model)
+    else:
+        layers = {n: split_option(chosen[r["unit"]])[1] for r in rows for n in r["layers"]}
+    return {"budget_bytes": int(budget), "layers": layers, "units": units, "chosen": chosen,
+            "predicted_error": sol.error, "bytes": sol.bytes, "bf16_bytes": sum(r["bf16_bytes"] for r in rows),
             "solver": {"method": "multiple-choice knapsack, dynamic programming over bytes",
                        "granularity_bytes": sol.granularity, "exact": sol.exact, "slack_bytes": sol.slack_bytes,
                        "min_bytes": sol.min_bytes}}
 
 
-@torch.no_grad()
-def plan(pipe, workload, budget: str | int, *, options: list[str] | str = DEFAULT_OPTIONS, by: str = "block",
-         guidance: float | None = None, solver: str = "euler", batch: int = 8, adherence: bool | None = None,
-         max_cells: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """``rflow plan`` as a function: measure every (unit, option) of ``pipe``'s transformer on ``workload``,
-    choose the least-error plan within ``budget`` (bytes, or a size / percentage string for
-    :func:`parse_budget`), then measure the planned model (velocity error on the same trajectories;
-    for shapes-world models also final latents and adherence via :func:`rflow.compress.measure.measure`).
-    ``pipe`` is left as it was. Returns the JSON-ready plan (``rflow quantize --plan`` reads its ``layers``)."""
-    from ..compress.measure import _adherence_wanted, measure, reference_trajectories
+DISTILL_DEFAULTS = {"steps": 200, "lr": 1e-3, "batch": 8, "seed": 0}
 
+
+@torch.no_grad()
+def plan(pipe, workload=None, budget: str | int = "50%", *, options: list[str] | str = DEFAULT_OPTIONS,
+         by: str = "block", guidance: float | None = None, solver: str = "euler", batch: int = 8,
+         adherence: bool | None = None, max_cells: int | None = None, capture=None,
+         distill_settings: dict | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """``rflow plan`` as a function: measure every (unit, option) of ``pipe``'s transformer — on the
+    reference trajectories of ``workload``, or on the records of ``capture`` (a
+    :class:`~rflow.compress.capture.CaptureReader` of this model; pruning options are then distilled on
+    it with ``distill_settings``, :data:`DISTILL_DEFAULTS`) — choose the least-error plan within
+    ``budget`` (bytes, or a size / percentage string for :func:`parse_budget`), then build and measure
+    the planned model (velocity error at the same points; for a shapes-world workload also final
+    latents and adherence via :func:`rflow.compress.measure.measure`). ``pipe`` is left as it was.
+    Returns the JSON-ready plan (``rflow quantize --plan`` reads ``layers``, ``prune`` and ``distill``)."""
+    from ..compress.measure import _adherence_wanted, measure, reference_trajectories
+    from .plan_measure import CaptureErrors, TrajectoryErrors
+
+    if (workload is None) == (capture is None):
+        raise UserError("give a workload (prompts) or a capture to measure on, not both")
     opts = parse_options(options) if isinstance(options, str) else list(options)
     model = pipe.transformer
     rows = unit_table(model, opts, by)
@@ -353,22 +353,44 @@ def plan(pipe, workload, budget: str | int, *, options: list[str] | str = DEFAUL
     budget_bytes = parse_budget(budget, bf16) if isinstance(budget, str) else int(budget)
     solve([[o["bytes"] for o in r["options"]] for r in rows], [[0.0] * len(r["options"]) for r in rows],
           budget_bytes, max_cells=max_cells)  # an infeasible budget fails here, before any model call
+    pruning = any(split_option(o["option"])[0] is not None for r in rows for o in r["options"])
+    settings = {**DISTILL_DEFAULTS, **(distill_settings or {})} if capture is not None and pruning else None
+    if settings is not None and capture.in_out_only:
+        raise UserError(f"{capture.path}: pruning options distil each pruned block on the capture, and this one "
+                        "holds model inputs/outputs only; capture the blocks too (no --in-out-only)")
     guidance = pipe.resolve_guidance(guidance)
-    trajs = reference_trajectories(pipe, workload, guidance=guidance, solver=solver, batch=batch,
-                                   progress=(lambda d: progress("reference", d, len(workload.prompts))) if progress else None)
-    measure_units(pipe, trajs, rows, progress=(lambda d, t: progress("measuring", d, t)) if progress else None)
-    res = choose(rows, budget_bytes, max_cells=max_cells)
-    actual = plan_error(pipe, trajs, res["layers"])
-    extra = {}
-    if _adherence_wanted(pipe, workload, adherence):
-        with quantized(model, res["layers"]):
-            m = measure(pipe, pipe, workload, guidance=guidance, solver=solver, batch=batch, final=True,
-                        adherence=True, trajectories=trajs)
-        extra = {k: m[k] for k in ("latent_mse", "adherence_model", "adherence_reference", "adherence_delta") if k in m}
+    trajs = None
+    if capture is not None:
+        source = CaptureErrors(pipe, capture, batch)
+    else:
+        trajs = reference_trajectories(pipe, workload, guidance=guidance, solver=solver, batch=batch,
+                                       progress=(lambda d: progress("reference", d, len(workload.prompts))) if progress else None)
+        source = TrajectoryErrors(pipe, trajs)
+    stats = source.activation_stats() if pruning else None
+    measure_units(source, rows, stats=stats, reader=capture if settings else None, distill_settings=settings,
+                  progress=(lambda d, t: progress("measuring", d, t)) if progress else None)
+    res = choose(rows, budget_bytes, max_cells=max_cells, model=model)
+    fractions = prune_fractions(rows, res["chosen"])
+    extra: dict = {}
+    with candidate(model, rows, res["chosen"], stats, capture if settings else None, settings) as (planned, report):
+        actual = source.error(planned)
+        if fractions:
+            from .plan_options import choose_pruned
+
+            extra["prune"] = {u: idx.tolist() for u, idx in choose_pruned(model, stats, fractions).items()}
+            extra["distill"] = ({**settings, "layers": [{k: d[k] for k in ("layer", "initial_heldout_mse", "final_heldout_mse")}
+                                                        for d in report]} if settings else None)
+        if workload is not None and _adherence_wanted(pipe, workload, adherence):
+            from .plan_measure import with_transformer
+
+            m = measure(with_transformer(pipe, planned), pipe, workload, guidance=guidance, solver=solver, batch=batch,
+                        final=True, adherence=True, trajectories=trajs)
+            extra.update({k: m[k] for k in ("latent_mse", "adherence_model", "adherence_reference", "adherence_delta")
+                          if k in m})
     return {"version": PLAN_VERSION, "model": pipe.name, "model_fingerprint": pipe.fingerprint,
             "budget_bytes": res["budget_bytes"], "layers": res["layers"], "units": res["units"],
             "error_metric": ERROR_METRIC, "predicted_error": res["predicted_error"],
             "actual_error": actual[ERROR_METRIC], "actual_rel_error": actual["velocity_rel_mse"], **extra,
             "bytes": res["bytes"], "bf16_bytes": res["bf16_bytes"], "options": opts, "units_by": by,
             "solver": res["solver"], "sampling": {"solver": solver, "guidance": guidance},
-            "workload": workload.describe()}
+            "measured_on": source.describe(), **({"workload": workload.describe()} if workload is not None else {})}
