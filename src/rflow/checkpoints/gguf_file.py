@@ -7,6 +7,10 @@ reversed here. ``get(key)`` dequantizes (the ``gguf`` package's reference dequan
 tensor; ``get_stored(key)`` returns a quantized tensor as its packed bytes, (rows, bytes per row)
 uint8, for layers that compute from the packed form; ``qtype(key)`` names its GGML type. Reading uses
 the ``gguf`` package (llama.cpp's own); a file it cannot parse is one :class:`UserError`.
+
+The file is memory-mapped copy-on-write, as safetensors maps its files: ``get_stored`` returns views
+of the map, not copies, so a model loaded packed holds the file's pages once (peak host memory near
+the file size) and writing into a tensor never reaches the file.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class GGUFFile(WeightFiles):
             raise UserError(f"{p}: no such file or directory")
         self.paths = [p]
         try:
-            self._reader = gguf.GGUFReader(str(p))
+            self._reader = gguf.GGUFReader(str(p), mode="c")  # copy-on-write: views are writable, the file never is
             tensors = list(self._reader.tensors)
         except Exception as e:  # gguf raises ValueError, struct.error, IndexError … on bad files
             raise UserError(f"{p}: corrupt or truncated GGUF file ({_short(e)})") from None
@@ -101,12 +105,9 @@ class GGUFFile(WeightFiles):
         """The tensor as stored: float types as such, quantized ones as (rows, bytes per row) uint8."""
         t = self._tensors[key]
         q = self._qtypes[key]
-        try:
-            data = np.array(t.data)  # a copy out of the memory map
-        except Exception as e:
-            raise UserError(f"{self.paths[0]}: cannot read tensor {key!r}: corrupt or truncated file ({_short(e)})") from None
+        data = t.data  # a view of the memory map: its pages are read when first touched, and only once
         if q == "BF16":
-            return torch.from_numpy(data.view(np.uint16).astype(np.int16)).view(torch.bfloat16).reshape(self._shapes[key])
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(self._shapes[key])
         if q in FLOAT_TYPES:
             return torch.from_numpy(data).reshape(self._shapes[key])
         return torch.from_numpy(data.view(np.uint8).reshape(self._shapes[key][0] if len(self._shapes[key]) > 1 else 1, -1))
