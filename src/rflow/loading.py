@@ -48,6 +48,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     keep_quantized: bool | None = None,
+    offload: str = "none",
+    vram: int | str | None = None,
 ) -> Pipeline:
     """Load a pipeline of any family (FLUX.1, FLUX.2-klein, Z-Image, rflow-tiny).
 
@@ -59,22 +61,32 @@ def load(
     ``device`` defaults to CUDA when available, ``dtype`` to bfloat16 on CUDA and float32 on CPU.
     ``keep_quantized``: keep GGUF, rflow-quantized and float8 linear weights packed (rflow.quant layers)
     instead of expanding them to ``dtype``; the default for GGUF files and rflow's quantized files.
+    ``offload``: "none" (the whole transformer on ``device``), "blocks" or "auto" — stream transformer
+    blocks from host memory within ``vram`` (bytes or a size such as "4GiB"; "auto" without it: the
+    device's free memory), see :func:`rflow.runtime.offload.offload_`; the transformer is then read
+    into host memory first.
     """
     from .checkpoints.gguf_file import is_gguf
     from .options import device as check_device
     from .paths import resolve_model
+    from .runtime.offload import check_options
 
+    offload, vram, _ = check_options(offload, vram)
     dev = check_device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or default_dtype(dev)
     p = resolve_model(path)
     if (p / MANIFEST).exists():
-        return load_rflow_pipeline(p, device=dev, dtype=dtype)
+        return load_rflow_pipeline(p, device=dev, dtype=dtype, offload=offload, vram=vram)
     transformer_path, root = _layout(p)
     with Checkpoint(transformer_path) as ck:  # validates the transformer before looking for its companions
         fam, config = ck.family, ck.config
         fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
+    if keep_quantized is None:  # GGUF files and rflow's quantized layout stay packed unless asked otherwise
+        keep_quantized = transformer_path.is_file() and (is_gguf(transformer_path) or _has_quant_metadata(transformer_path))
+    if offload != "none" and not keep_quantized:  # a budget too small for streaming fails before any weight is read
+        _probe_offload(fam.build, config, dtype, offload, vram, dev)
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_file) if sched_file.exists() else None
     vae_path = Path(vae).expanduser() if vae is not None else fam.find_codec(root)
@@ -88,14 +100,13 @@ def load(
     codec = fam.load_codec(vae_path, device=dev, dtype=dtype)
     text = fam.load_text(te_path, device=dev, dtype=dtype)
     fam.check_parts_fit(config, codec, text, where=str(p))
-    plan = None
-    if keep_quantized is None:  # GGUF files and rflow's quantized layout stay packed unless asked otherwise
-        keep_quantized = transformer_path.is_file() and (is_gguf(transformer_path) or _has_quant_metadata(transformer_path))
+    plan, place = None, (dev if offload == "none" else torch.device("cpu"))
     if keep_quantized:
         from .quant.load import keep_quantized_plan
 
-        plan = keep_quantized_plan(transformer_path, device=dev, dtype=dtype)
-    model, info = load_transformer(transformer_path, device=dev, dtype=dtype, plan=plan)
+        plan = keep_quantized_plan(transformer_path, device=place, dtype=dtype)
+    model, info = load_transformer(transformer_path, device=place, dtype=dtype, plan=plan)
+    _offload(model, offload, vram, dev)
     kind, shift = fam.default_schedule(config, sched_cfg if isinstance(sched_cfg, dict) else None)
     return Pipeline(model, codec, text, Schedule(kind, shift), default_size=tuple(fam.DEFAULT_SIZE), name=info.family,
                     max_sequence_length=fam.MAX_SEQUENCE_LENGTH, fingerprint=fingerprint, model_hash=model_hash,
@@ -162,7 +173,28 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, dtype: torch.dtype
     return Path(path)
 
 
-def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype) -> Pipeline:
+def _probe_offload(build, config, dtype: torch.dtype, offload: str, vram: int | None, device: torch.device,
+                   size=None, text_tokens=None) -> None:
+    from .runtime.offload import plan_offload, working_reserve
+
+    with torch.device("meta"):
+        probe = build(config).to(dtype).requires_grad_(False)
+    plan_offload(probe, vram=vram, mode=offload, device=device,
+                 reserve=working_reserve(probe, device, size=size, text_tokens=text_tokens))
+
+
+def _offload(model, offload: str, vram: int | None, device: torch.device, size=None, text_tokens=None) -> None:
+    """Stream ``model``'s blocks (rflow.runtime.offload), the working reserve sized for one call at the
+    pipeline's default ``size`` (width, height) and ``text_tokens``."""
+    if offload != "none":
+        from .runtime.offload import offload_, working_reserve
+
+        offload_(model, vram=vram, mode=offload, device=device,
+                 reserve=working_reserve(model, device, size=size, text_tokens=text_tokens))
+
+
+def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype, offload: str = "none",
+                        vram: int | None = None) -> Pipeline:
     from .models.codec import PixelUnshuffleCodec
 
     m = read_json(path / MANIFEST)
@@ -187,9 +219,15 @@ def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype)
     grammar = m.get("grammar", "shapes" if str(m.get("name", "")).startswith("rflow-tiny") else None)
     with Checkpoint(path / "transformer.safetensors", family="flux1") as ck:
         config = ck.config
+    if offload != "none":
+        from .families.flux1 import build
+
+        _probe_offload(build, config, dtype, offload, vram, device, (w, h), max_len)
     te = load_text_encoders(path, device=device, dtype=dtype)
     check_parts_fit(config, codec, te, where=str(path))
-    model, info = load_transformer(path / "transformer.safetensors", device=device, dtype=dtype, family="flux1")
+    model, info = load_transformer(path / "transformer.safetensors", device=device if offload == "none" else "cpu",
+                                   dtype=dtype, family="flux1")
+    _offload(model, offload, vram, device, (w, h), max_len)
     with Checkpoint(path / "transformer.safetensors", family="flux1") as ck:
         fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
     return Pipeline(model, codec, te, schedule, default_size=(w, h), name=str(m.get("name", "rflow")),

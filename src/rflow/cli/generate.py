@@ -85,6 +85,10 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16"),
     compute: str = typer.Option("auto", "--compute", help="quantized layers: auto | dequant | int8 | fp8 (auto: fp8 "
                                                           "on Ada/Hopper, int8 on CUDA, dequant otherwise)"),
+    offload: str = typer.Option("none", "--offload", help="none | blocks (stream transformer blocks from host "
+                                                          "memory) | auto (only when the model does not fit)"),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory offload may use, e.g. 4GiB (default: "
+                                                            "blocks streams every block, auto the free memory)"),
 ):
     """Generate images from a prompt and save them as PNG with their settings embedded."""
     import time
@@ -102,6 +106,9 @@ def generate(
     options.steps(steps)
     if compute not in ("auto", "dequant", "int8", "fp8"):
         raise UserError(f"unknown --compute {compute!r}; choose auto, dequant, int8 or fp8")
+    from ..runtime.offload import check_options
+
+    check_options(offload, vram)
     options.guidance(guidance, "--guidance")
     options.number(cfg, "--cfg", low=1)
     options.integer(batch, "--batch", low=1, high=4096)
@@ -120,7 +127,7 @@ def generate(
     dev = options.device(device) if device is not None else None
     dt = parse_dtype(dtype) if dtype is not None else None
     model_path = resolve_model(model)
-    kw = dict(text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
+    kw = dict(text_encoders=text_encoders, vae=vae, device=dev, dtype=dt, offload=offload, vram=vram)
     if patches is not None:
         from ..compress.patches import load_with_patches
 
@@ -130,7 +137,11 @@ def generate(
     from ..quant.linear import quant_layers, set_compute
 
     if quant_layers(pipe.transformer) or compute != "auto":
-        set_compute(pipe.transformer, compute)
+        set_compute(pipe.transformer, compute, device=pipe.device)
+    if offload != "none":
+        from ..runtime.offload import offload_plan
+
+        console.print(str(offload_plan(pipe.transformer)), highlight=False, soft_wrap=True)
     refs = pipe.reference_images(refs)
     width, height = pipe.resolve_size(width, height, refs)
     guidance = pipe.resolve_guidance(guidance)

@@ -168,6 +168,12 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
+def block_names(model: nn.Module, containers: tuple[str, ...]) -> list[str]:
+    """Qualified names of the repeated blocks held by the ``nn.ModuleList`` attributes ``containers``,
+    listed in the order the forward pass runs them: what :mod:`rflow.runtime.offload` streams."""
+    return [f"{c}.{i}" for c in containers for i in range(len(model.get_submodule(c)))]
+
+
 class Family(Protocol):
     """The module-level names a family module defines (``rflow.families.flux1`` is the reference).
 
@@ -175,7 +181,8 @@ class Family(Protocol):
     high precision). Checkpoints: ``detect(keys)``, ``plan(keys, layout, prefix)``,
     ``overrides(metadata, diffusers_config)``, ``infer_config(shapes, overrides, plan=, source_shapes=)``,
     ``config_metadata(config)``, ``build(config)``, ``family_name(config)``, ``summary(config)``.
-    Layers: ``layers(model_or_config)``, ``n_layers(config)``, ``config_from_widths(model)``. Pipeline:
+    Layers: ``layers(model_or_config)``, ``n_layers(config)``, ``config_from_widths(model)``, ``blocks(model)``
+    (qualified names of the repeated blocks in execution order, from ``BLOCK_LISTS``). Pipeline:
     ``DEFAULT_SIZE``, ``MAX_SEQUENCE_LENGTH``, ``DEFAULT_GUIDANCE`` (families with a guidance embedder),
     ``CODEC_HELP``, ``TEXT_HELP``, ``latent_spec(config, codec_factor)``, ``image_seq_len(latent_shape)``,
     ``default_schedule(config, scheduler_config)``, ``find_codec``/``load_codec``, ``find_text``/

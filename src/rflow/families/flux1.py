@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..checkpoints.plan import Plan, identity_plan
 from ..errors import UserError
 from ..models.flux import Flux, FluxConfig, image_ids, pack, text_ids, unpack
-from .base import LatentSpec, LayerRef, Slice, data_to_velocity, sigma_vector
+from .base import LatentSpec, LayerRef, Slice, block_names, data_to_velocity, sigma_vector
 from .flux1_keys import (CONFIG_METADATA_KEY, PREFIXES, default_axes_dim, detect_format, diffusers_plan,
                          expected_shapes, family_of, infer_config)
 
@@ -161,6 +161,14 @@ def layers(model_or_config: Flux | FluxConfig) -> list[LayerRef]:
 
 def n_layers(config: FluxConfig) -> int:
     return config.depth + config.depth_single
+
+
+BLOCK_LISTS = ("double_blocks", "single_blocks")  # the repeated blocks, in the order the forward pass runs them
+
+
+def blocks(model: Flux) -> list[str]:
+    """``double_blocks.{i}`` then ``single_blocks.{i}``: the blocks offload streams, in execution order."""
+    return block_names(model, BLOCK_LISTS)
 
 
 def config_from_widths(model: Flux) -> None:

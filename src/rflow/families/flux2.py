@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..models.flux2 import Flux2, Flux2Config, image_ids, pack, unpack
-from .base import LatentSpec, LayerRef, Slice, sigma_vector
+from .base import LatentSpec, LayerRef, Slice, block_names, sigma_vector
 from .flux2_keys import (CONFIG_METADATA_KEY, DEV, KLEIN_4B, KLEIN_9B, PREFIXES, config_metadata, default_axes_dim,
                          detect, diffusers_plan, expected_shapes, infer_config, overrides, plan)
 from .flux2_refs import prepare_references, reference_default_size, reference_pixels
@@ -84,6 +84,15 @@ def layers(model_or_config: Flux2 | Flux2Config) -> list[LayerRef]:
 
 def n_layers(config: Flux2Config) -> int:
     return config.depth + config.depth_single
+
+
+BLOCK_LISTS = ("double_blocks", "single_blocks")  # the repeated blocks, in the order the forward pass runs them
+
+
+def blocks(model: Flux2) -> list[str]:
+    """``double_blocks.{i}`` then ``single_blocks.{i}`` (the shared modulations stay outside): the blocks
+    offload streams, in execution order."""
+    return block_names(model, BLOCK_LISTS)
 
 
 def config_from_widths(model: Flux2) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..models.zimage import ZImage, ZImageConfig, default_mlp_width
-from .base import LatentSpec, LayerRef, Slice, sigma_vector
+from .base import LatentSpec, LayerRef, Slice, block_names, sigma_vector
 from .zimage_keys import (BLOCKS, CONFIG_METADATA_KEY, PREFIXES, Z_IMAGE, config_metadata, default_axes_dims, detect,
                           diffusers_plan, expected_shapes, infer_config, overrides, plan)
 
@@ -76,6 +76,16 @@ def layers(model_or_config: ZImage | ZImageConfig) -> list[LayerRef]:
 
 def n_layers(config: ZImageConfig) -> int:
     return config.n_layers + len(config.noise_refiner_mlp) + len(config.context_refiner_mlp)
+
+
+# The repeated blocks in the order the forward pass runs them (the layer list numbers the main layers first).
+BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
+
+
+def blocks(model: ZImage) -> list[str]:
+    """``noise_refiner.{i}``, ``context_refiner.{i}``, then ``layers.{i}``: the blocks offload streams, in
+    execution order."""
+    return block_names(model, BLOCK_LISTS)
 
 
 def config_from_widths(model: ZImage) -> None:

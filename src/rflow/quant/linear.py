@@ -376,9 +376,9 @@ class GGUFLinear(QuantLinear):
 # ---------------------------------------------------------------------------------------------- compute modes
 
 
-def auto_compute(layer: QuantLinear) -> str:
-    """The mode ``set_compute(model, "auto")`` gives ``layer`` on the device its weight is on."""
-    cap = _capability(layer.qweight.device)
+def auto_compute(layer: QuantLinear, device: torch.device | None = None) -> str:
+    """The mode ``set_compute(model, "auto")`` gives ``layer`` on ``device`` (default: where its weight is)."""
+    cap = _capability(device if device is not None else layer.qweight.device)
     if isinstance(layer, Fp8Linear) and cap is not None and cap >= FP8_MIN_CAPABILITY:
         return "fp8"
     if isinstance(layer, Int8Linear) and cap is not None and cap >= INT8_MIN_CAPABILITY:
@@ -391,10 +391,11 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def set_compute(model: nn.Module, mode: str) -> nn.Module:
+def set_compute(model: nn.Module, mode: str, device: torch.device | None = None) -> nn.Module:
     """Set how every QuantLinear of ``model`` computes: "auto" | "dequant" | "int8" | "fp8" (see the module
     docstring). "int8"/"fp8" apply to the layers of that format, the others compute "dequant"; "fp8" on a
-    device without fp8 matmuls is a UserError. Returns ``model``."""
+    device without fp8 matmuls is a UserError. ``device``: where the layers compute, when that is not where
+    their weights are (blocks streamed from host memory, :mod:`rflow.runtime.offload`). Returns ``model``."""
     if mode not in ("auto", *COMPUTE_MODES):
         raise UserError(f"unknown compute mode {mode!r}; choose auto, {', '.join(COMPUTE_MODES)}")
     layers = quant_layers(model)
@@ -403,10 +404,11 @@ def set_compute(model: nn.Module, mode: str) -> nn.Module:
                         f"{', '.join(sorted({m.format for m in layers.values()})) or 'no quantized layers'}")
     for name, layer in layers.items():
         if mode == "fp8" and isinstance(layer, Fp8Linear):
-            cap = _capability(layer.qweight.device)
+            dev = device if device is not None else layer.qweight.device
+            cap = _capability(dev)
             if cap is None or cap < FP8_MIN_CAPABILITY:
-                where = layer.qweight.device.type if cap is None else f"a GPU of compute capability {cap[0]}.{cap[1]}"
+                where = dev.type if cap is None else f"a GPU of compute capability {cap[0]}.{cap[1]}"
                 raise UserError(f"fp8 compute needs a CUDA GPU of compute capability ≥ 8.9, and {name} is on {where}; "
                                 "use compute='dequant' or 'auto'")
-        layer.compute = auto_compute(layer) if mode == "auto" else (mode if mode in layer.COMPUTES else "dequant")
+        layer.compute = auto_compute(layer, device) if mode == "auto" else (mode if mode in layer.COMPUTES else "dequant")
     return model
