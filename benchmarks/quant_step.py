@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
-import os
 import platform
 import shlex
 import sys
@@ -54,6 +52,7 @@ from torch import nn
 from rflow.models.flux import Flux, FluxConfig, image_ids, text_ids
 from rflow.errors import UserError
 from rflow.quant.api import normalize_format, plan_summary, quantize_
+from rflow.runtime.timing import capability, device_name, free, time_calls
 from rflow.quant.linear import (FP8_MIN_CAPABILITY, INT8_MIN_CAPABILITY, QuantLinear, int_matmul, quantize_rows_fp8,
                                 quantize_rows_int8, set_compute)
 
@@ -72,10 +71,6 @@ STEP_COMPUTES = {"int8": [("dequant", "int8_dequant"), ("int8", "int8_w8a8")],
 DEFAULT_STEP_FORMATS = "bf16,int8,fp8,Q8_0"
 
 
-def capability(dev: torch.device) -> tuple[int, int] | None:
-    return tuple(torch.cuda.get_device_capability(dev)) if dev.type == "cuda" else None
-
-
 def fp8_skip(dev: torch.device) -> str | None:
     """Why fp8 compute cannot run on ``dev`` (None when it can)."""
     cap = capability(dev)
@@ -88,39 +83,13 @@ def fp8_skip(dev: torch.device) -> str | None:
 
 def bench(fn, iters: int, dev: torch.device, warm: int = 3) -> float:
     """Median milliseconds of ``fn()`` over ``iters`` calls after ``warm`` warm-up calls."""
-    cuda = dev.type == "cuda"
-    with torch.inference_mode():
-        for _ in range(warm):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            if cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return time_calls(fn, dev, iters=iters, warmup=warm)["ms"]
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """‖y − ref‖ / ‖ref‖ in float64."""
     y, ref = y.double(), ref.double()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- matmuls
@@ -284,12 +253,6 @@ def bench_format(config: FluxConfig, inputs, dev: torch.device, fmt: str, iters:
 
 
 # ---------------------------------------------------------------------------------------------- main
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.processor() or 'unknown'})"
 
 
 def parse_formats(text: str) -> list[str]:

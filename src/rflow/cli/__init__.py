@@ -28,9 +28,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _register() -> None:
-    from . import analyze, capture, generate, plan, prune, quantize
+    from . import analyze, bench, capture, generate, plan, prune, quantize
 
-    for mod in (generate, analyze, capture, prune, quantize, plan):
+    for mod in (generate, analyze, capture, prune, quantize, plan, bench):
         mod.register(app)
     check_all_commands(app)
 
