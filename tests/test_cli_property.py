@@ -39,6 +39,8 @@ VALID = {
     "shard": ["1MB", "256MiB"], "solver": ["euler", "dpm++2m", "unipc"], "dtype": ["fp32", "bf16"],
     "store_dtype": ["fp32", "fp16"], "device": ["cpu"], "criterion": ["frequency", "magnitude"],
     "train": ["mlp", "block"], "prompt": [PROMPT, "a small blue square"], "negative": ["blurry", ""],
+    "qformat": ["Q8_0", "int8", "q4_0"], "qoptions": ["bf16,Q8_0", "bf16,Q4_0,prune50", "int8,prune25+Q8_0"],
+    "units": ["block", "layer"], "share": ["60%", "60MB"], "qlayers": ["double_blocks.*", "*,single_blocks.0.*"],
 }
 NUMERIC = {"steps", "shapes", "count", "heldout", "batch", "seed", "every", "ckpt", "guidance", "cfg", "strength",
            "lr", "fraction", "threshold", "level", "holdout", "stepspec"}
@@ -52,6 +54,8 @@ SPECIAL_BAD = {
     "shard": ["0", "-1MB", "nanMB", "abc"],
     "solver": ["bogus"], "dtype": ["int8", "fp64"], "store_dtype": ["int8"], "device": ["bogus", "cuda:x"],
     "criterion": ["bogus"], "train": ["bogus"],
+    "qformat": ["Q9", "prune25", "keepme", "Q4_K"], "qoptions": ["prune0", "prune100", "Q9", ",", "prune50+Q9", "bf16,"],
+    "units": ["row", "blocks"], "qlayers": ["nothing.*", ",", "img_in", "final_layer.*"], "share": ["0%", "-5%", "nan%", "inf%", "1e308%", "abc%", "1KB", "%"],
 }
 
 
@@ -187,6 +191,14 @@ def verbs(e, here):
         "measure-capture": (["measure", "--model", "{model}", "--reference", "{ref}", "--capture", "{cap}"],
                             {"model": ("in_model", str(e["pruned"])), "ref": model_in,
                              "cap": ("in_cap", str(e["cap"]))}),
+        "quantize": (["quantize", "--model", "{model}", "--to", "{fmt}", "--layers", "{layers}", "-o", "{out}"],
+                     {"model": model_in, "fmt": ("qformat", "Q8_0"), "layers": ("qlayers", "double_blocks.*"),
+                      "out": ("out.safetensors", o("q.safetensors"))}),
+        "plan": (["plan", "--model", "{model}", "--budget", "{budget}", "--options", "{options}", "--units", "{units}",
+                  "--shapes", "{shapes}", "--steps", "{steps}", "--sizes", "{sizes}", "--seed", "{seed}", "-o", "{out}"],
+                 {"model": model_in, "budget": ("share", "60%"), "options": ("qoptions", "bf16,Q8_0"),
+                  "units": ("units", "block"), "shapes": ("shapes", "1"), "steps": ("stepspec", "1"),
+                  "sizes": ("sizes", "32x32"), "seed": ("seed", "0"), "out": ("out.json", o("p.json"))}),
         "sensitivity": (["sensitivity", "--model", "{model}", "--stats", "{stats}", "--level", "{level}", "--shapes",
                          "{shapes}", "--steps", "{steps}", "--sizes", "{sizes}", "--seed", "{seed}", "--guidance",
                          "{guidance}", "--criterion", "{criterion}", "--streams", "{streams}", "--batch", "{batch}",
@@ -221,7 +233,8 @@ def draw(rng, kind, e, here):
 
 def cases():
     names = ["generate", "eval", "train", "info", "analyze", "stats merge", "stats show", "capture", "prune",
-             "prune-count", "prune-threshold", "distill", "patch apply", "measure", "measure-capture", "sensitivity"]
+             "prune-count", "prune-threshold", "distill", "patch apply", "measure", "measure-capture", "sensitivity",
+             "quantize", "plan"]
     return names
 
 
