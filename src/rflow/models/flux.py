@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sdpa import sdpa
+
 
 class BlockLayout:
     """What FLUX.1 and FLUX.2 configs share: heads over ``hidden_size``, double blocks as (img, txt) MLP
@@ -166,7 +168,7 @@ class QKNorm(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Joint attention over (B, H, L, D) with RoPE; returns (B, L, H*D)."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+    x = sdpa(q, k, v)
     return x.transpose(1, 2).flatten(2)
 
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from .sdpa import sdpa
+
 
 def default_mlp_width(dim: int) -> int:
     return int(dim / 3 * 8)
@@ -156,7 +158,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)  # (B, L, H, D) each
         q, k = apply_rope(self.q_norm(q), pe), apply_rope(self.k_norm(k), pe)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.out(o.transpose(1, 2).flatten(2))
 
 
@@ -168,6 +170,11 @@ class SwiGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """``w2(silu(w1·x) · w3·x)``. ``w1`` and ``w3`` read the same input: :func:`rflow.runtime.fusion.fuse_projections_`
+    may replace them by one linear ``w13`` (their rows stacked), which :meth:`forward` then uses."""
+
+    FUSABLE = {"w13": ("w1", "w3")}
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
@@ -176,6 +183,9 @@ class FeedForward(nn.Module):
         self.act = SwiGLU()
 
     def forward(self, x: Tensor) -> Tensor:
+        if "w13" in self._modules:
+            a, b = self._modules["w13"](x).chunk(2, dim=-1)
+            return self.w2(self.act(a, b))
         return self.w2(self.act(self.w1(x), self.w3(x)))
 
 
