@@ -42,8 +42,10 @@ def detect_format(keys: list[str]) -> tuple[str, str]:
     raise UserError(f"not a FLUX.1 transformer checkpoint (first key: {hint!r})")
 
 
-def diffusers_plan(keys: list[str]) -> Plan:
-    """How to build every BFL key from diffusers ``FluxTransformer2DModel`` keys."""
+def diffusers_plan(keys: list[str], *, partial: bool = False) -> Plan:
+    """How to build every BFL key from diffusers ``FluxTransformer2DModel`` keys. ``partial``: ``keys`` name
+    only some layers (a LoRA's targets): a fused tensor is planned when any of its parts is there, and
+    absent sources are no error."""
     keyset = set(keys)
     plan: Plan = {}
 
@@ -54,7 +56,7 @@ def diffusers_plan(keys: list[str]) -> Plan:
 
     def qkv(dst: str, srcs: list[str]):
         for p in ("weight", "bias"):
-            if f"{srcs[0]}.{p}" in keyset:
+            if any(f"{s}.{p}" in keyset for s in (srcs if partial else srcs[:1])):
                 plan[f"{dst}.{p}"] = ([f"{s}.{p}" for s in srcs], cat)
 
     lin("img_in", "x_embedder")
@@ -91,7 +93,7 @@ def diffusers_plan(keys: list[str]) -> Plan:
         plan[f"{d}.norm.key_norm.scale"] = ([f"{s}.attn.norm_k.weight"], one)
 
     missing = [src for srcs, _ in plan.values() for src in srcs if src not in keyset]
-    if missing:
+    if missing and not partial:
         raise UserError(f"diffusers FLUX checkpoint is missing {missing[0]!r}")
     return plan
 

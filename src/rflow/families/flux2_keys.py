@@ -54,16 +54,17 @@ def detect(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def diffusers_plan(keys: list[str]) -> Plan:
+def diffusers_plan(keys: list[str], *, partial: bool = False) -> Plan:
     """How to build every BFL key from diffusers ``Flux2Transformer2DModel`` keys (q, k, v concatenated
     into qkv; the final norm's (scale, shift) swapped into BFL's (shift, scale)). Any diffusers tensor
-    the plan does not use is a UserError."""
+    the plan does not use is a UserError. ``partial``: ``keys`` name only some layers (a LoRA's targets):
+    a fused tensor is planned when any of its parts is there; absent and unused keys are no error."""
     keyset = set(keys)
     plan: Plan = {}
 
     def lin(dst: str, src: str, fn=one, parts=None):  # FLUX.2 has no biases: a bias is an unexpected tensor
         srcs = [f"{s}.weight" for s in (parts or [src])]
-        if srcs[0] in keyset:
+        if any(s in keyset for s in (srcs if partial else srcs[:1])):
             plan[f"{dst}.weight"] = (srcs, cat if parts else fn)
 
     lin("img_in", "x_embedder")
@@ -95,6 +96,8 @@ def diffusers_plan(keys: list[str]) -> Plan:
         plan[f"{d}.norm.query_norm.scale"] = ([f"{s}.norm_q.weight"], one)
         plan[f"{d}.norm.key_norm.scale"] = ([f"{s}.norm_k.weight"], one)
 
+    if partial:
+        return plan
     check_plan_sources(plan, keys, "diffusers FLUX.2")
     used = {src for srcs, _ in plan.values() for src in srcs}
     extra = [k for k in keys if k not in used and not k.startswith("rflow.")]

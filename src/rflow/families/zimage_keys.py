@@ -67,9 +67,12 @@ def _patch_tag(keys) -> str:
     return tags[0]
 
 
-def diffusers_plan(keys: list[str]) -> Plan:
-    """How to build every original key from diffusers ``ZImageTransformer2DModel`` keys."""
-    tag, keyset = _patch_tag(keys), set(keys)
+def diffusers_plan(keys: list[str], *, partial: bool = False) -> Plan:
+    """How to build every original key from diffusers ``ZImageTransformer2DModel`` keys. ``partial``: ``keys``
+    name only some layers (a LoRA's targets): a fused tensor is planned when any of its parts is there,
+    and absent sources are no error."""
+    keyset = set(keys)
+    tag = _patch_tag(keys) if not partial or any(k.startswith("all_x_embedder.") for k in keys) else None
     plan: Plan = {}
     for k in keys:
         if k.startswith(f"all_x_embedder.{tag}."):
@@ -79,13 +82,17 @@ def diffusers_plan(keys: list[str]) -> Plan:
         elif ".attention.to_q." in k:
             plan[k.replace(".to_q.", ".qkv.")] = ([k, k.replace(".to_q.", ".to_k."), k.replace(".to_q.", ".to_v.")], cat)
         elif ".attention.to_k." in k or ".attention.to_v." in k:
-            if k.replace(".to_k.", ".to_q.").replace(".to_v.", ".to_q.") not in keyset:
-                raise UserError(f"diffusers Z-Image checkpoint has {k!r} but no matching to_q")
+            q = k.replace(".to_k.", ".to_q.").replace(".to_v.", ".to_q.")
+            if q not in keyset:
+                if not partial:
+                    raise UserError(f"diffusers Z-Image checkpoint has {k!r} but no matching to_q")
+                plan[q.replace(".to_q.", ".qkv.")] = ([q, q.replace(".to_q.", ".to_k."), q.replace(".to_q.", ".to_v.")], cat)
         elif not k.startswith("rflow."):
             dst = k.replace(".attention.to_out.0.", ".attention.out.")
             dst = dst.replace(".attention.norm_q.", ".attention.q_norm.").replace(".attention.norm_k.", ".attention.k_norm.")
             plan[dst] = ([k], one)
-    check_plan_sources(plan, keys, "diffusers Z-Image")
+    if not partial:
+        check_plan_sources(plan, keys, "diffusers Z-Image")
     return plan
 
 
