@@ -50,6 +50,7 @@ def load(
     keep_quantized: bool | None = None,
     offload: str = "none",
     vram: int | str | None = None,
+    text_device: str | None = None,
 ) -> Pipeline:
     """Load a pipeline of any family (FLUX.1, FLUX.2-klein, Z-Image, rflow-tiny).
 
@@ -64,7 +65,10 @@ def load(
     ``offload``: "none" (the whole transformer on ``device``), "blocks" or "auto" — stream transformer
     blocks from host memory within ``vram`` (bytes or a size such as "4GiB"; "auto" without it: the
     device's free memory), see :func:`rflow.runtime.offload.offload_`; the transformer is then read
-    into host memory first.
+    into host memory first, and the text encoders and VAE stay there, copied to ``device`` only while
+    they encode or decode (:func:`rflow.runtime.parts.offload_parts_`; "auto" keeps them resident when
+    everything fits). ``text_device``: "auto" (the default), "device" (on ``device``, while encoding
+    when offloading) or "cpu" (the text encoders run on the CPU; their conditioning goes to ``device``).
     """
     from .checkpoints.gguf_file import is_gguf
     from .options import device as check_device
@@ -72,13 +76,14 @@ def load(
     from .runtime.offload import check_options
 
     offload, vram, _ = check_options(offload, vram)
+    text_device = _check_text_device(text_device)
     dev = check_device(device) if device is not None else default_device()
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or default_dtype(dev)
     p = resolve_model(path)
     if (p / MANIFEST).exists():
-        return load_rflow_pipeline(p, device=dev, dtype=dtype, offload=offload, vram=vram)
+        return load_rflow_pipeline(p, device=dev, dtype=dtype, offload=offload, vram=vram, text_device=text_device)
     transformer_path, root = _layout(p)
     with Checkpoint(transformer_path) as ck:  # validates the transformer before looking for its companions
         fam, config = ck.family, ck.config
@@ -97,8 +102,8 @@ def load(
     if te_path is None:
         raise UserError(f"no text encoders in {text_encoders or root}: give {flag('text_encoders', 'DIR')}, "
                         f"a folder holding {fam.TEXT_HELP}")
-    codec = fam.load_codec(vae_path, device=dev, dtype=dtype)
-    text = fam.load_text(te_path, device=dev, dtype=dtype)
+    codec = fam.load_codec(vae_path, device=_host(dev, offload), dtype=dtype)
+    text = fam.load_text(te_path, device=_host(dev, offload, text_device), dtype=dtype)
     fam.check_parts_fit(config, codec, text, where=str(p))
     plan, place = None, (dev if offload == "none" else torch.device("cpu"))
     if keep_quantized:
@@ -108,9 +113,34 @@ def load(
     model, info = load_transformer(transformer_path, device=place, dtype=dtype, plan=plan)
     _offload(model, offload, vram, dev)
     kind, shift = fam.default_schedule(config, sched_cfg if isinstance(sched_cfg, dict) else None)
-    return Pipeline(model, codec, text, Schedule(kind, shift), default_size=tuple(fam.DEFAULT_SIZE), name=info.family,
-                    max_sequence_length=fam.MAX_SEQUENCE_LENGTH, fingerprint=fingerprint, model_hash=model_hash,
-                    family=fam.NAME)
+    return _place_parts(Pipeline(model, codec, text, Schedule(kind, shift), default_size=tuple(fam.DEFAULT_SIZE),
+                                 name=info.family, max_sequence_length=fam.MAX_SEQUENCE_LENGTH, fingerprint=fingerprint,
+                                 model_hash=model_hash, family=fam.NAME), offload, text_device, dev)
+
+
+TEXT_DEVICES = ("auto", "device", "cpu")
+
+
+def _check_text_device(text_device: str | None) -> str:
+    text_device = "auto" if text_device is None else text_device
+    if text_device not in TEXT_DEVICES:
+        raise UserError(f"unknown {flag('text_device')} {text_device!r}; choose auto, device or cpu")
+    return text_device
+
+
+def _host(device: torch.device, offload: str, text_device: str = "auto") -> torch.device:
+    """Where a text encoder or VAE is read to: host memory when offloading (or for text on the CPU)."""
+    return torch.device("cpu") if offload != "none" or text_device == "cpu" else device
+
+
+def _place_parts(pipe: Pipeline, offload: str, text_device: str, device: torch.device) -> Pipeline:
+    """Text encoders and VAE in host memory, on ``device`` only while used (rflow.runtime.parts)."""
+    if offload != "none" or text_device == "cpu":
+        from .runtime.parts import offload_parts_
+
+        text = {"auto": "auto", "device": "swap" if offload != "none" else "resident", "cpu": "cpu"}[text_device]
+        offload_parts_(pipe, text=text, vae="auto", device=device)
+    return pipe
 
 
 PIPELINE_FORMAT_VERSION = 1
@@ -194,7 +224,7 @@ def _offload(model, offload: str, vram: int | None, device: torch.device, size=N
 
 
 def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype, offload: str = "none",
-                        vram: int | None = None) -> Pipeline:
+                        vram: int | None = None, text_device: str = "auto") -> Pipeline:
     from .models.codec import PixelUnshuffleCodec
 
     m = read_json(path / MANIFEST)
@@ -205,7 +235,7 @@ def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype,
     from .checkpoints.fit import check_parts_fit
 
     try:
-        codec = PixelUnshuffleCodec.from_config(m.get("codec", {})).to(device)
+        codec = PixelUnshuffleCodec.from_config(m.get("codec", {})).to(_host(device, offload))
         sched = m.get("schedule", {})
         schedule = Schedule(str(sched.get("kind", "flux")), sched.get("shift"))
         w, h = (int(v) for v in m.get("default_size", (1024, 1024)))
@@ -223,17 +253,18 @@ def load_rflow_pipeline(path: Path, *, device: torch.device, dtype: torch.dtype,
         from .families.flux1 import build
 
         _probe_offload(build, config, dtype, offload, vram, device, (w, h), max_len)
-    te = load_text_encoders(path, device=device, dtype=dtype)
+    te = load_text_encoders(path, device=_host(device, offload, text_device), dtype=dtype)
     check_parts_fit(config, codec, te, where=str(path))
     model, info = load_transformer(path / "transformer.safetensors", device=device if offload == "none" else "cpu",
                                    dtype=dtype, family="flux1")
     _offload(model, offload, vram, device, (w, h), max_len)
     with Checkpoint(path / "transformer.safetensors", family="flux1") as ck:
         fingerprint, model_hash = ck.fingerprint(), ck.model_hash()
-    return Pipeline(model, codec, te, schedule, default_size=(w, h), name=str(m.get("name", "rflow")),
+    pipe = Pipeline(model, codec, te, schedule, default_size=(w, h), name=str(m.get("name", "rflow")),
                     max_sequence_length=max_len, fingerprint=fingerprint, model_hash=model_hash,
                     grammar=grammar, family=family,
                     denoiser_options={} if prediction == "velocity" else {"prediction": prediction})
+    return _place_parts(pipe, offload, text_device, device)
 
 
 def _prediction(kind: str) -> str:

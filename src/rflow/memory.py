@@ -136,9 +136,11 @@ def _sysconf_available() -> int | None:
 
 
 def estimate_generate_bytes(pipe, batch: int, width: int, height: int, cfg: float = 1.0,
-                            txt_len: int | None = None) -> int:
+                            txt_len: int | None = None, decode_size: tuple[int, int] | None = None) -> int:
     """Estimated peak memory (bytes, beyond the weights) of ``pipe.generate`` for ``batch`` images of
-    ``width`` x ``height``: the largest of the denoise, decode and output phases (see the module doc)."""
+    ``width`` x ``height``: the largest of the denoise, decode and output phases (see the module doc).
+    ``decode_size``: (width, height) of one tile when the VAE decodes in tiles (rflow.runtime.tiling),
+    whose decoder phases then count one tile plus the float32 image and weight accumulators."""
     for what, n in (("batch", batch), ("width", width), ("height", height)):
         if int(n) < 1:
             raise UserError(f"{what} must be ≥ 1, got {n}")
@@ -153,8 +155,10 @@ def estimate_generate_bytes(pipe, batch: int, width: int, height: int, cfg: floa
     decoder = _decoder_shape(pipe.vae)
     if decoder is not None:
         e_vae = pipe.vae.dtype.itemsize
-        phases += [(2 * latent + batch * e_vae * elems, batch * exact)
-                   for elems, exact in _decoder_phases(*decoder, width, height)]
+        dw, dh = decode_size or (width, height)
+        tiled = 0 if decode_size is None else 4 * (batch * 3 + 1) * width * height
+        phases += [(2 * latent + tiled + batch * e_vae * elems, batch * exact)
+                   for elems, exact in _decoder_phases(*decoder, dw, dh)]
     else:  # the pixel-unshuffle codec: a reshuffle of the latent
         phases.append((4 * latent, 0))
     return max(tensors + tensors // 2 + exact for tensors, exact in phases) + FIXED_OVERHEAD
@@ -222,13 +226,13 @@ def _decoder_phases(widths: list[int], mid_attention: bool, scores: bool, width:
 
 
 def check_generate_memory(pipe, batch: int, width: int, height: int, cfg: float = 1.0,
-                          txt_len: int | None = None) -> None:
+                          txt_len: int | None = None, decode_size: tuple[int, int] | None = None) -> None:
     """Raise :class:`UserError` when ``generate`` at this batch and size would not fit in the free memory
     of the pipeline's device (with a 10 % margin). Does nothing when the free memory is unknown."""
     free = available_bytes(pipe.device)
     if free is None:
         return
-    need = estimate_generate_bytes(pipe, batch, width, height, cfg=cfg, txt_len=txt_len)
+    need = estimate_generate_bytes(pipe, batch, width, height, cfg=cfg, txt_len=txt_len, decode_size=decode_size)
     if need > free * SAFETY:
         raise UserError(f"size {width}x{height} × batch {batch} needs about {format_bytes(need)} for activations, "
                         f"but only {format_bytes(free)} is free on {pipe.device}; use a smaller --size or --batch")

@@ -55,6 +55,32 @@ class Pipeline:
     family: str = "flux1"  # the rflow.families module that runs this transformer
     # Passed to the family's Denoiser: rflow-tiny's {"prediction": "data"} (it predicts x0, not v).
     denoiser_options: dict = field(default_factory=dict)
+    loras: dict = field(default_factory=dict)  # name -> rflow.lora.LoadedLoRA, in loading order
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Apply the LoRA file at ``path`` (any dialect rflow reads, :mod:`rflow.lora`) times ``scale`` beside
+        the layers it adapts — transformer, and FLUX.1's CLIP/T5 — quantized or offloaded ones included; returns its name."""
+        from .lora import load_lora_
+
+        return load_lora_(self, path, scale=scale, name=name)
+
+    def fuse_lora(self, names=None) -> None:
+        """Merge the loaded LoRAs (or ``names``) into the dense weights; a quantized layer is a UserError."""
+        from .lora import fuse_
+
+        fuse_(self, names)
+
+    def unfuse_lora(self) -> None:
+        """Give every fused layer its exact original weight back; the LoRAs run beside it again."""
+        from .lora import unfuse_
+
+        unfuse_(self)
+
+    def remove_lora(self, names=None) -> None:
+        """Remove the loaded LoRAs (or ``names``) from every model of the pipeline."""
+        from .lora import remove_
+
+        remove_(self, names)
 
     @property
     def family_module(self):
@@ -130,6 +156,7 @@ class Pipeline:
         images: list | None = None,
         cfg_truncation: float | None = None,
         cfg_renorm: float | None = None,
+        tiled_vae: bool | None = None,
     ):
         """Generate images. ``width``/``height`` default to the model's native size (1024 for FLUX.1),
         ``max_sequence_length`` to the model's T5 length (512 for FLUX.1).
@@ -141,7 +168,8 @@ class Pipeline:
         images (PIL, paths or (3, H, W) tensors in [0, 1]) for families that take them (FLUX.2-klein);
         the size defaults to the first one's. ``cfg_truncation``: CFG is off once 1 − sigma exceeds it;
         ``cfg_renorm``: the guided velocity's norm is capped at that multiple of the conditional one
-        (Z-Image's ``cfg_truncation`` and ``cfg_normalization``).
+        (Z-Image's ``cfg_truncation`` and ``cfg_normalization``). ``tiled_vae``: decode in overlapping tiles
+        (True), in one piece (False), or tiled above 2 megapixels (None; :mod:`rflow.runtime.tiling`).
         Returns a list of PIL images, or a tensor for ``output_type`` "latent" (normalised latents),
         "pt" (B, 3, H, W in [0, 1]) or "np" (B, H, W, 3 uint8 array).
         """
@@ -167,7 +195,7 @@ class Pipeline:
         fam = self.family_module
         refs = self.reference_images(images)
         width, height = self.resolve_size(width, height, refs)
-        self.check_request(B, width, height, cfg=cfg)
+        self.check_request(B, width, height, cfg=cfg, tiled_vae=tiled_vae)
         shape = self.latent_shape(height, width, B)
         dev = self.device
 
@@ -212,7 +240,7 @@ class Pipeline:
             latent = sampling.sample(velocity, x, sigmas.to(dev), solver, callback=callback)
         if output_type == "latent":
             return latent
-        return self.decode(latent, output_type)
+        return self.decode(latent, output_type, tiles=self.vae_tiles(width, height, tiled_vae))
 
     def reference_images(self, images: list | None) -> list | None:
         """Reference images read (paths) and checked to be wanted by this family; None when there are none."""
@@ -230,14 +258,23 @@ class Pipeline:
             width, height = width or ref_w, height or ref_h
         return width or self.default_size[0], height or self.default_size[1]
 
-    def check_request(self, batch: int, width: int, height: int, *, cfg: float = 1.0) -> None:
+    def vae_tiles(self, width: int, height: int, tiled_vae: bool | None = None) -> tuple[int, int] | None:
+        """(tile, overlap) in latent cells for decoding a width x height image, None for one piece."""
+        from .runtime.tiling import vae_tiles
+
+        return vae_tiles(self.vae.downscale_factor, width, height, tiled_vae)
+
+    def check_request(self, batch: int, width: int, height: int, *, cfg: float = 1.0,
+                      tiled_vae: bool | None = None) -> None:
         """Refuse, before any work, a size this model cannot draw or whose activations cannot fit memory."""
         from .memory import check_generate_memory
 
         m = self.size_multiple
         if width <= 0 or height <= 0 or width % m or height % m:
             raise UserError(f"size {width}x{height} is not a positive multiple of {m} for this model")
-        check_generate_memory(self, batch, width, height, cfg=cfg)
+        tiles, f = self.vae_tiles(width, height, tiled_vae), self.vae.downscale_factor
+        tile = None if tiles is None else (min(tiles[0] * f, width), min(tiles[0] * f, height))  # pixels
+        check_generate_memory(self, batch, width, height, cfg=cfg, decode_size=tile)
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn about prompts the text encoders will cut, and prompts outside the model's grammar."""
@@ -284,8 +321,14 @@ class Pipeline:
         return self.vae.encode((image * 2 - 1).to(self.device, self.vae.dtype)).float()
 
     @torch.no_grad()
-    def decode(self, latent: Tensor, output_type: str = "pil"):
-        img = self.vae.decode(latent.to(self.vae.dtype)).float()
+    def decode(self, latent: Tensor, output_type: str = "pil", tiles: tuple[int, int] | None = None):
+        """Latents -> images; ``tiles`` = (tile, overlap) in latent cells decodes tile by tile."""
+        from .runtime.parts import holding
+        from .runtime.tiling import decode_tiled
+
+        with holding(self.vae):  # an offloaded VAE is copied to the device once for all the tiles
+            z = latent.to(self.vae.dtype)
+            img = (self.vae.decode(z) if tiles is None else decode_tiled(self.vae.decode, z, *tiles)).float()
         if not bool(torch.isfinite(img).all()):
             raise NonFiniteError("the VAE produced NaN/inf decoding the latents")
         img = ((img + 1) / 2).clamp(0, 1)

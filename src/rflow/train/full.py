@@ -112,6 +112,11 @@ class Trainer:
     def __init__(self, pipe: Pipeline, cfg: TrainConfig, out: Path,
                  data: Callable[[int, int, int], tuple[torch.Tensor, list[str]]] = shapes_batch,
                  source: Path | None = None):
+        from ..runtime.offload import streamer
+
+        if streamer(pipe.transformer) is not None:  # streamed weights are frozen views of host buffers
+            raise UserError("full training trains every weight, so it cannot stream blocks: load the model with "
+                            "offload='none'")
         self.pipe, self.cfg, self.out, self.data, self.source = pipe, cfg, Path(out), data, source
         self.model = pipe.transformer.train().requires_grad_(True)
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
