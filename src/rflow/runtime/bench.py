@@ -59,19 +59,6 @@ def _finite(out: torch.Tensor, what: str) -> bool:
     return ok
 
 
-def compile_blocks_(model: torch.nn.Module) -> int:
-    """``torch.compile`` every transformer block in place (regional compilation: blocks of one kind share
-    one compiled graph); returns how many blocks."""
-    n = 0
-    for name in ("double_blocks", "single_blocks", "noise_refiner", "context_refiner", "layers"):
-        blocks = getattr(model, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            for b in blocks:
-                b.compile()
-                n += 1
-    return n
-
-
 def _h2d_gbps(dev: torch.device) -> float:
     """Pinned host -> device bandwidth, GB/s (256 MiB copies, median of 5)."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
@@ -178,9 +165,11 @@ def run(o: Options, progress: Callable[[str], None] | None = None) -> dict:
     res["rflow"] = {**_entry(timing, peaks, first), "finite": finite}
 
     if o.compile:
+        from .speed import optimize_
+
         say("compiling the blocks")
-        n = compile_blocks_(model)
-        res["rflow_compiled"] = {**_time_step(step, dev, o), "blocks": n}
+        done = optimize_(model, compile="blocks", tokens=inputs.image_tokens + text_tokens)
+        res["rflow_compiled"] = {**_time_step(step, dev, o), "blocks": done["compile"]["blocks"], "optimized": done}
 
     if o.image and codec is not None:
         say(f"timing a whole image ({o.steps or bm.DEFAULT_STEPS.get(name, 28)} steps + VAE decode)")
