@@ -64,6 +64,8 @@ def generate(
     text_encoders: Optional[Path] = typer.Option(None, "--text-encoders", help="folder with text_encoder/ tokenizer/ text_encoder_2/ tokenizer_2/"),
     vae: Optional[Path] = typer.Option(None, "--vae", help="ae.safetensors or a diffusers vae/ folder"),
     patches: Optional[Path] = typer.Option(None, "--patches", help="distilled layer patches (rflow distill) to swap in"),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA file (kohya, diffusers/PEFT, XLabs, ComfyUI), "
+                                                                  "FILE[:SCALE]; repeat for several"),
     negative: Optional[str] = typer.Option(None, "--negative", help="negative prompt (used when --cfg > 1)"),
     size: Optional[str] = typer.Option(None, "--size", help="WxH in pixels (default: the model's native size)"),
     steps: int = typer.Option(28, "--steps", help="sampling steps (1-10000)"),
@@ -89,6 +91,10 @@ def generate(
                                                           "memory) | auto (only when the model does not fit)"),
     vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory offload may use, e.g. 4GiB (default: "
                                                             "blocks streams every block, auto the free memory)"),
+    tiled_vae: Optional[bool] = typer.Option(None, "--tiled-vae/--no-tiled-vae", help="decode the image in "
+                                             "overlapping tiles (default: above 2 megapixels)"),
+    compile_: bool = typer.Option(False, "--compile", help="fuse projections, pick the fastest attention kernel and "
+                                                          "torch.compile each block (first step compiles; cached)"),
 ):
     """Generate images from a prompt and save them as PNG with their settings embedded."""
     import time
@@ -120,6 +126,9 @@ def generate(
     refs = [read_image(r) for r in ref or []]
     paths = [check_output(p, suffixes=(".png",), force=force) for p in output_paths(output, batch)]
     init = read_image(image) if image is not None else None
+    from ..lora import parse_spec, read_lora
+
+    loras = [(read_lora(p), s) for p, s in (parse_spec(t) for t in lora or [])]
     if negative is not None and cfg <= 1:
         warn("--negative is used only with --cfg > 1 (true CFG); it is ignored")
     if image is None and strength != 1.0:
@@ -142,24 +151,36 @@ def generate(
         from ..runtime.offload import offload_plan
 
         console.print(str(offload_plan(pipe.transformer)), highlight=False, soft_wrap=True)
+        from ..runtime.parts import parts_plan
+
+        console.print(str(parts_plan(pipe)), highlight=False, soft_wrap=True)
+    for lora_file, lora_scale in loras:
+        pipe.load_lora(lora_file, lora_scale)
     refs = pipe.reference_images(refs)
     width, height = pipe.resolve_size(width, height, refs)
     guidance = pipe.resolve_guidance(guidance)
-    pipe.check_request(batch, width, height, cfg=cfg)
+    pipe.check_request(batch, width, height, cfg=cfg, tiled_vae=tiled_vae)
     pipe.check_prompts([prompt] + ([negative] if negative and cfg > 1 else []))
+    if compile_:
+        from ..runtime.speed import describe, optimize_, pipeline_tokens
+
+        done = optimize_(pipe.transformer, compile="blocks", tokens=pipeline_tokens(pipe, width, height))
+        console.print(describe(done), highlight=False, soft_wrap=True)
     t0 = time.perf_counter()
     with progress("sampling", steps) as update:
         images = pipe.generate([prompt] * batch, negative_prompt=negative, width=width, height=height, steps=steps,
                                guidance=guidance, cfg=cfg, seed=seed, solver=solver, image=init, strength=strength,
-                               images=refs, cfg_truncation=cfg_truncation, cfg_renorm=cfg_renorm,
+                               images=refs, cfg_truncation=cfg_truncation, cfg_renorm=cfg_renorm, tiled_vae=tiled_vae,
                                callback=lambda i, n, _x: update(i + 1, total=n))
     elapsed = time.perf_counter() - t0
     settings = {
         "prompt": prompt, "negative_prompt": negative, "steps": steps, "solver": solver, "guidance": guidance,
         "cfg": cfg, "seed": seed, "width": width, "height": height, "batch": batch, "model": pipe.name,
+        "tiled_vae": pipe.vae_tiles(width, height, tiled_vae) is not None,
         "model_hash": pipe.model_hash, "fingerprint": pipe.fingerprint, "schedule": pipe.schedule.kind,
         "shift": pipe.schedule.shift, "image": str(image) if image else None, "strength": strength if image else None,
         "patches": str(patches) if patches else None, "patches_hash": pipe.patches_hash or None, "rflow": __version__,
+        "loras": [x.summary() for x in pipe.loras.values()] or None,
     }
     with replacing_all(paths) as tmps:
         for i, (img, tmp) in enumerate(zip(images, tmps)):
@@ -168,6 +189,8 @@ def generate(
                       + f"CFG scale: {cfg}, Seed: {seed}, "
                       f"Size: {width}x{height}, Model: {pipe.name}, Model hash: {pipe.model_hash}, "
                       + (f"Patches hash: {pipe.patches_hash}, " if pipe.patches_hash else "")
+                      + ('Lora hashes: "' + ", ".join(f"{x.name}: {x.hash}" for x in pipe.loras.values()) + '", '
+                         if pipe.loras else "")
                       + (f"Batch size: {batch}, Batch pos: {i}, " if batch > 1 else "")
                       + (f"Denoising strength: {strength}, " if image else "")
                       + f"Version: rflow {__version__}")
@@ -256,6 +279,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUTPUT exactly where it stopped"),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
     device: Optional[str] = typer.Option(None, "--device"),
+    offload: str = typer.Option("none", "--offload", help="none | blocks | auto: stream frozen transformer blocks "
+                                                          "from host memory (not with --full, which trains them all)"),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory offload may use, e.g. 4GiB"),
 ):
     """Train rflow-tiny from scratch, or fine-tune every weight of a model, on the shapes world (flow
     matching, AdamW, EMA); atomic checkpoints, exact resume."""
@@ -267,8 +293,14 @@ def train(
     from ..outputs import check_output
     from ..train.full import STATE_FILE, TrainConfig, Trainer, export_path
 
+    from ..runtime.offload import check_options
+
+    check_options(offload, vram)
     if not full:
         raise UserError("only full training (--full) is available in this version")
+    if offload != "none":  # streamed weights are frozen; --full trains every one of them
+        raise UserError("--offload streams frozen blocks, but --full trains every weight: full training runs with "
+                        "the whole model on the device (--offload none)")
     options.integer(steps, "--steps", low=1, high=10_000_000)
     options.integer(batch, "--batch", low=1, high=4096)
     options.number(lr, "--lr", low=0, low_open=True, high=1)
@@ -352,5 +384,7 @@ def _widths(ws: list) -> str:
 def register(app) -> None:
     app.command()(generate)
     app.command("eval")(eval_)
-    app.command()(train)
+    from .train_lora import train as train_command  # LoRA by default; --full comes back to train() above
+
+    app.command("train")(train_command)
     app.command()(info)

@@ -1,0 +1,204 @@
+"""Teach rflow-tiny the reserved colour ``magenta`` and shape ``star`` with a LoRA; writes docs/training.md.
+
+The shapes world never shows ``magenta`` or ``star`` to rflow-tiny's base training (only the ``"any"``
+split holds them). This script renders at most 50 captioned scenes that contain one or both, trains a
+LoRA on them with the library trainer (rflow.train.lora, the same code as ``rflow train``), and scores
+adherence (rflow.world.evaluate) before and after on prompts with the reserved words and on base
+prompts (the ``"train"`` grammar). Targets: reserved adherence from near 0 to ≥ 0.8; base adherence
+drops ≤ 0.03.
+
+    .venv/bin/python benchmarks/lora_report.py [--steps 600] [--images 48] [--eval 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def reserved_scenes(n: int, seed: int):
+    """Scenes of the ``any`` split that hold magenta or a star (the first ``n`` such, from ``seed``)."""
+    from rflow.world import shapes
+
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < n:
+        sc = shapes.random_scene(rng, split="any")
+        if any(o.colour in shapes.RESERVED_COLOURS or o.shape in shapes.RESERVED_SHAPES for o in sc.objects):
+            out.append(sc)
+    return out
+
+
+def write_dataset(folder: Path, n: int, seed: int) -> list[str]:
+    from rflow.world import shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, caps = np.random.default_rng(seed + 1), []
+    for i, sc in enumerate(reserved_scenes(n, seed)):
+        shapes.render(sc, rng).save(folder / f"{i:03d}.png")
+        cap = shapes.caption(sc)
+        (folder / f"{i:03d}.txt").write_text(cap)
+        caps.append(cap)
+    return caps
+
+
+def reserved_accuracy(report, prompts) -> float:
+    """The share of the judgements on reserved words that are right: each magenta object's colour, each
+    star's shape (the evaluator judges objects in the prompt's order)."""
+    from rflow.world import shapes
+
+    hits = []
+    for d, p in zip(report.details, prompts):
+        for j, o in enumerate(shapes.parse(p).objects):
+            if o.colour in shapes.RESERVED_COLOURS:
+                hits.append(d["colour"][j])
+            if o.shape in shapes.RESERVED_SHAPES:
+                hits.append(d["shape"][j])
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def score(pipe, prompts, args):
+    from rflow.world.evaluate import evaluate
+
+    res = evaluate(pipe, prompts=prompts, heldout=0, steps=args.eval_steps, seed=0, guidance=args.guidance)
+    acc = dict(res.report.accuracy, reserved_words=reserved_accuracy(res.report, prompts))
+    return res.report.adherence, acc, res.images
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--targets", default="attn,mlp")
+    ap.add_argument("--guidance", type=float, default=3.5, help="training and sampling guidance")
+    ap.add_argument("--eval", type=int, default=64, help="prompts per set")
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=DOCS / "training.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from rflow.pipeline import load
+    from rflow.train.data import read_dataset
+    from rflow.train.lora import LoRAConfig, LoRATrainer
+    from rflow.world import shapes
+    from rflow.world.evaluate import EVAL_SEED_OFFSET
+
+    pipe = load("rflow-tiny", device="cpu", dtype=torch.float32)
+    reserved = [shapes.caption(sc) for sc in reserved_scenes(args.eval, EVAL_SEED_OFFSET + 7)]
+    base = shapes.prompts(args.eval, seed=EVAL_SEED_OFFSET, split="train")
+    t0 = time.perf_counter()
+    r0, racc0, rimg0 = score(pipe, reserved, args)
+    b0, bacc0, _ = score(pipe, base, args)
+    print(f"before: reserved {r0:.3f} ({racc0['reserved_words']:.3f} words) base {b0:.3f}", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="rflow-lora-"))
+    caps = write_dataset(work / "data", args.images, seed=11)
+    cfg = LoRAConfig(steps=args.steps, rank=args.rank, lr=args.lr, batch=args.batch, targets=args.targets,
+                     warmup=min(50, args.steps // 10), resolution=64, logit_mean=1.0, logit_std=1.2,
+                     caption_dropout=0.1, guidance=args.guidance, checkpoint_every=max(1, args.steps))
+    trainer = LoRATrainer(pipe, cfg, read_dataset(work / "data"), work / "run")
+    t1 = time.perf_counter()
+    trainer.run(progress=lambda r: print(f"step {r['step']} loss {r['loss']:.4f}", file=sys.stderr)
+                if r["step"] % 50 == 0 else None)
+    train_s = time.perf_counter() - t1
+    lora = trainer.export("peft")
+    r1, racc1, rimg1 = score(pipe, reserved, args)
+    b1, bacc1, _ = score(pipe, base, args)
+    print(f"after: reserved {r1:.3f} ({racc1['reserved_words']:.3f} words) base {b1:.3f}", file=sys.stderr)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [r["loss"] for r in trainer.log]
+    k = max(1, len(losses) // 30)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(losses, alpha=0.3, label="loss")
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=f"mean of {k}")
+    ax.set_xlabel("step"), ax.set_ylabel("flow-matching loss"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "training-lora-loss.png", dpi=110)
+    n = min(16, len(reserved))
+    g0 = shapes.grid(rimg0[:n], reserved[:n], cols=8)
+    g1 = shapes.grid(rimg1[:n], reserved[:n], cols=8)
+    from PIL import Image
+
+    both = Image.new("RGB", (max(g0.width, g1.width), g0.height + g1.height + 8), "white")
+    both.paste(g0, (0, 0)), both.paste(g1, (0, g0.height + 8))
+    both.save(DOCS / "training-lora-grid.png")
+
+    w0, w1 = racc0["reserved_words"], racc1["reserved_words"]
+    ok_w, ok_r, ok_b = w1 >= 0.8, r1 >= 0.8, (b0 - b1) <= 0.03
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "device": f"CPU ({platform.processor() or platform.machine()}), 1 torch thread",
+               "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)},
+               "images": len(caps), "reserved_before": r0, "reserved_after": r1, "base_before": b0,
+               "base_after": b1, "reserved_words_before": w0, "reserved_words_after": w1, "reserved_accuracy_before": racc0, "reserved_accuracy_after": racc1,
+               "train_seconds": train_s, "total_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
+    (DOCS / "training-results.json").write_text(json.dumps(results, indent=1))
+    cmd = (f"rflow train --model rflow-tiny --data DATA --steps {args.steps} --rank {args.rank} --lr {args.lr} "
+           f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean 1.0 --logit-std 1.2 "
+           f"--caption-dropout 0.1 --guidance {args.guidance} --warmup {cfg.warmup} -o RUN")
+    acc = "\n".join(f"| {a} | {racc0[a]:.3f} | {racc1[a]:.3f} |" for a in racc0)
+    text = f"""# Training a LoRA: teaching rflow-tiny magenta and stars
+
+rflow-tiny's base training never shows the colour `magenta` or the shape `star` (the shapes world keeps
+them for this experiment). {len(caps)} rendered scenes that contain one or both, with their captions, teach
+them through a LoRA (rank {args.rank}, targets `{args.targets}`); adherence is scored by the shapes-world
+evaluator on {len(reserved)} prompts with the reserved words and {len(base)} base-grammar prompts,
+{args.eval_steps} Euler steps, guidance {args.guidance}, seed 0. Adherence is the evaluator's share of
+right judgements per image (background, count, colour, shape, size, position), so a model that draws a
+wrong colour or shape for the reserved word still scores on the rest; the first row counts only the
+judgements on the reserved words themselves (each magenta object's colour, each star's shape).
+
+| prompts | before | after | target |
+|---|---|---|---|
+| magenta / star words right (reserved prompts) | {w0:.3f} | {w1:.3f} | ≥ 0.8 after: {"met" if ok_w else "**missed**"} |
+| adherence, prompts with magenta / star | {r0:.3f} | {r1:.3f} | ≥ 0.8 after: {"met" if ok_r else "**missed**"} |
+| adherence, base grammar | {b0:.3f} | {b1:.3f} | drop ≤ 0.03: {"met" if ok_b else "**missed**"} (drop {b0 - b1:+.3f}) |
+
+Per attribute, reserved prompts:
+
+| attribute | before | after |
+|---|---|---|
+{acc}
+
+![loss](training-lora-loss.png)
+
+Reserved prompts before (top) and after (bottom) the LoRA:
+
+![grid](training-lora-grid.png)
+
+Command (the script, `benchmarks/lora_report.py`, calls the same trainer as):
+
+    {cmd}
+
+Training: {args.steps} steps of batch {args.batch} in {train_s:.0f} s; final loss {results['final_loss']:.4f}.
+Run {results['date']} on {results['device']}, torch {results['torch']}; numbers in
+`docs/training-results.json`. LoRA written as `{lora.name}` (PEFT/diffusers format).
+
+Guidance: rflow-tiny learnt its guidance embedding over 1–5 as an input, not by distillation, so the LoRA
+trains at the guidance it is sampled with; for distilled models (FLUX.1-dev) `rflow train` uses 1.0.
+"""
+    args.out.write_text(text)
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

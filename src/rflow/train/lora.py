@@ -1,0 +1,353 @@
+"""LoRA training of a frozen base model (any family) on a captioned image folder.
+
+The base stays frozen — dense, quantized (:func:`rflow.quant.api.quantize_`, done before the adapters
+are added) or streamed by block offload — and trainable adapters are added beside the chosen linear
+layers (:func:`rflow.lora.add_lora_`; A random, B zero, so step 0 is the base model). Loss: flow
+matching at x_t = (1−t)·x0 + t·noise on the velocity noise − x0, through the family's denoiser and
+weighted by its ``loss_weight`` (the x0-error weighting of data-predicting models, as full training).
+t is drawn uniform, logit-normal(mean, std) or shifted (t' = s·t / (1 + (s−1)·t) of a uniform t).
+Models with a guidance embedder (distilled) train at guidance 1.0 unless told otherwise.
+AdamW (fused on CUDA) with linear warm-up and cosine decay, gradient accumulation, gradient clipping,
+optional gradient checkpointing of every transformer block.
+
+Exact resume: everything random in micro-step ``k`` is drawn from generators seeded by (seed, k), and
+the data order of epoch ``e`` from (seed, e), so the checkpoint — LoRA tensors, AdamW moments, the step
+and the data position, written atomically to ``train_state.safetensors`` — is all a run needs to continue
+as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import NonFiniteError, UserError
+from ..families.base import cond_stack
+from ..lora.layer import LoRAWeight, add_lora_, lora_layers, lora_parameters
+from .adapters import checkpoint_blocks_, init_weights, target_layers
+from .data import Cache, Item, bucket_for, buckets
+from .full import step_generator
+
+STATE_FILE = "train_state.safetensors"
+LORA_FILE = "lora.safetensors"
+STATE_VERSION = 1
+NAME = "trained"  # the adapter's name on the model
+TIMESTEPS = ("uniform", "logit-normal", "shift")
+
+
+@dataclass
+class LoRAConfig:
+    steps: int = 1000
+    rank: int = 16
+    alpha: float | None = None  # None: the rank (scale 1)
+    targets: str = "attn,mlp"
+    lr: float = 1e-4
+    batch: int = 1
+    grad_accum: int = 1
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.05
+    timestep: str = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0
+    guidance: float | None = None  # None: 1.0 for a model with a guidance embedder
+    resolution: int = 512
+    x0_weight_floor: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 250
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        p = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+    def check(self) -> None:
+        if self.timestep not in TIMESTEPS:
+            raise UserError(f"--timestep {self.timestep!r}: choose one of {', '.join(TIMESTEPS)}")
+        if self.rank < 1 or self.steps < 1 or self.batch < 1 or self.grad_accum < 1 or self.checkpoint_every < 1:
+            raise UserError("--rank, --steps, --batch, --grad-accum and --checkpoint-every must be at least 1")
+        if not 0 <= self.caption_dropout <= 1:
+            raise UserError(f"--caption-dropout {self.caption_dropout} must be in [0, 1]")
+        if not 0 < self.lr <= 1:
+            raise UserError(f"--lr {self.lr} must be in (0, 1]")
+        if self.alpha is not None and not self.alpha > 0:
+            raise UserError(f"--alpha {self.alpha} must be positive")
+        if self.shift <= 0 or self.logit_std <= 0:
+            raise UserError("the timestep shift and logit-normal std must be positive")
+
+
+def sample_t(cfg: LoRAConfig, n: int, g: torch.Generator) -> torch.Tensor:
+    if cfg.timestep == "uniform":
+        return torch.rand(n, generator=g)
+    if cfg.timestep == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=g) * cfg.logit_std + cfg.logit_mean)
+    u = torch.rand(n, generator=g)
+    return cfg.shift * u / (1 + (cfg.shift - 1) * u)
+
+
+class LoRATrainer:
+    """Trains LoRA ``NAME`` on ``pipe.transformer`` from ``items``; checkpoints and results in ``out``.
+    ``rank``/``world``: this process's shard of every global batch (data-parallel runs)."""
+
+    def __init__(self, pipe, cfg: LoRAConfig, items: list[Item], out: Path, *, rank: int = 0, world: int = 1):
+        cfg.check()
+        self.pipe, self.cfg, self.items, self.out = pipe, cfg, list(items), Path(out)
+        self.rank, self.world = rank, world
+        model = pipe.transformer
+        model.requires_grad_(False)
+        self.model = model
+        self.layers = target_layers(model, cfg.targets)
+        alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
+        self.alpha = alpha
+        add_lora_(model, init_weights(model, self.layers, cfg.rank, alpha, cfg.seed), name=NAME, trainable=True,
+                  dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            checkpoint_blocks_(model)
+        self.params = list(lora_parameters(model, NAME))
+        self.names = self._param_names()
+        fused = {"fused": True} if pipe.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **fused)
+        options = buckets(cfg.resolution, pipe.size_multiple)
+        self.item_buckets = [bucket_for(it.size, options) for it in self.items]
+        if pipe.has_guidance_embedder():
+            self.guidance = 1.0 if cfg.guidance is None else float(cfg.guidance)
+        elif cfg.guidance is not None:
+            raise UserError(f"--guidance: this model ({pipe.name}) has no guidance embedder")
+        else:
+            self.guidance = None
+        settings = f"{getattr(pipe, 'model_hash', '') or pipe.name}|{pipe.max_sequence_length}"
+        self.cache = Cache(pipe, self.out / "cache", settings, write=rank == 0)
+        self.step, self.log = 0, []
+
+    def _param_names(self) -> list[str]:
+        out = []
+        for lname, (_, stack) in lora_layers(self.model).items():
+            for i, p in enumerate(stack.adapters[NAME] if NAME in stack.adapters else ()):
+                out += [f"{lname}.{i}.lora_A", f"{lname}.{i}.lora_B"]
+        return out
+
+    # -- data ------------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Global batches of epoch ``epoch``: each bucket's images shuffled and cut into batches of
+        ``batch × world``, then the batches shuffled; all from (seed, epoch)."""
+        g = torch.Generator().manual_seed((self.cfg.seed * 7_919 + epoch) % (2**63))
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(self.item_buckets):
+            by_bucket.setdefault(b, []).append(i)
+        size = self.cfg.batch * self.world
+        out = []
+        for b in sorted(by_bucket):
+            idx = [by_bucket[b][j] for j in torch.randperm(len(by_bucket[b]), generator=g).tolist()]
+            out += [idx[j:j + size] for j in range(0, len(idx), size)]
+        return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
+
+    def micro_batch(self, k: int) -> list[int]:
+        """The global batch of micro-step ``k`` (every rank's items; rank r takes its own slice)."""
+        epoch, j = 0, k
+        while True:
+            batches = self.epoch_batches(epoch)
+            if j < len(batches):
+                return batches[j]
+            j, epoch = j - len(batches), epoch + 1
+
+    def _position(self, k: int) -> tuple[int, int]:
+        per = len(self.epoch_batches(0))
+        return k // per, k % per
+
+    # -- one step ----------------------------------------------------------------------------------
+    def loss_at(self, k: int) -> torch.Tensor:
+        cfg, pipe, dev = self.cfg, self.pipe, self.pipe.device
+        g = step_generator(cfg.seed, k)
+        full = self.micro_batch(k)
+        n = len(full)
+        drop = (torch.rand(n, generator=g) < cfg.caption_dropout).tolist()
+        t = sample_t(cfg, n, g)
+        share = [j for j in range(n) if j % self.world == self.rank]  # this rank's shard
+        if not share:  # a last, short batch of an epoch: this rank adds nothing (but joins the all-reduce)
+            return sum(p.sum() for p in self.params) * 0.0
+        x0 = torch.cat([self.cache.latent(self.items[full[j]], self.item_buckets[full[j]]) for j in share])
+        noise = torch.randn((n, *x0.shape[1:]), generator=g)[share]  # drawn for the global batch: any world size
+        conds = [self.cache.cond("" if drop[j] else self.items[full[j]].caption) for j in share]
+        cond = cond_stack(conds)
+        if self.guidance is not None:
+            cond = dataclasses.replace(cond, guidance=torch.full((len(share),), self.guidance))
+        x0, noise, t = x0.to(dev), noise.to(dev), t[share].to(dev)
+        tb = t.view(-1, *([1] * (x0.ndim - 1)))
+        xt = (1 - tb) * x0 + tb * noise
+        denoiser = pipe.denoiser
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            v = denoiser(xt, t, cond.to(dev))
+        err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
+        # mean over the global batch: every rank's sum over the global count
+        return (err * denoiser.loss_weight(t, cfg.x0_weight_floor)).sum() / n
+
+    def _all_reduce_grads(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a in range(cfg.grad_accum):
+            loss = self.loss_at(self.step * cfg.grad_accum + a) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(t)
+            total = float(t)
+        if not math.isfinite(total):
+            raise NonFiniteError(f"the training loss became NaN/inf at step {self.step + 1}; stopped, the last "
+                                 f"checkpoint in {self.out} is kept (try a lower --lr)")
+        self._all_reduce_grads()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if not math.isfinite(float(gnorm)):
+            raise NonFiniteError(f"the gradients became NaN/inf at step {self.step + 1}; stopped, the last "
+                                 f"checkpoint in {self.out} is kept (try a lower --lr)")
+        self.opt.step()
+        self.step += 1
+        row = {"step": self.step, "loss": total, "lr": cfg.lr_at(self.step - 1), "grad_norm": float(gnorm)}
+        self.log.append(row)
+        return row
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        k = self.step * self.cfg.grad_accum
+        epoch, pos = self._position(k)
+        return {"version": STATE_VERSION, "step": self.step, "config": asdict(self.cfg), "layers": self.layers,
+                "model": self.cache.settings,
+                "data": {"items": [it.digest for it in self.items], "micro_step": k, "epoch": epoch, "batch": pos},
+                "rng": {"seed": self.cfg.seed, "scheme": "step-seeded"}, "log": self.log}
+
+    def save_state(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        from ..checkpoints.io import save_safetensors
+
+        t = {}
+        for n, p in zip(self.names, self.params):
+            t[f"lora.{n}"] = p.detach().cpu()
+            st = self.opt.state.get(p)
+            if st:
+                t[f"opt.{n}.exp_avg"] = st["exp_avg"].cpu()
+                t[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].cpu()
+                t[f"opt.{n}.step"] = torch.as_tensor(st["step"]).float().reshape(1).cpu()
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / STATE_FILE
+        save_safetensors(t, path, {"rflow.lora_train_state": json.dumps(self._meta())})
+        return path
+
+    def load_state(self, path: Path) -> None:
+        from ..checkpoints.io import open_weights
+
+        with open_weights(path) as f:
+            raw = f.metadata.get("rflow.lora_train_state")
+            if raw is None:
+                raise UserError(f"{path}: not an rflow LoRA training state")
+            meta = json.loads(raw)
+            if meta.get("version") != STATE_VERSION:
+                raise UserError(f"{path}: training state version {meta.get('version')} is not {STATE_VERSION}")
+            skip = ("steps", "checkpoint_every")
+            saved = {k: v for k, v in meta["config"].items() if k not in skip}
+            now = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k not in skip}
+            if saved != now:
+                diff = sorted(k for k in now if saved.get(k) != now[k])
+                raise UserError(f"{path}: resuming needs the same settings (differs: {', '.join(diff)})")
+            if meta.get("model") != self.cache.settings or meta.get("layers") != self.layers:
+                raise UserError(f"{path}: this run trained another base model (or other layers); resume it with the "
+                                "same --model and --targets")
+            if meta["data"]["items"] != [it.digest for it in self.items]:
+                raise UserError(f"{path}: the dataset changed since this run started; resume with the same images")
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params):
+                    p.copy_(f.get(f"lora.{n}").to(p.device, p.dtype))
+                    if f"opt.{n}.exp_avg" in f:
+                        self.opt.state[p] = {"exp_avg": f.get(f"opt.{n}.exp_avg").to(p.device),
+                                             "exp_avg_sq": f.get(f"opt.{n}.exp_avg_sq").to(p.device),
+                                             "step": torch.tensor(float(f.get(f"opt.{n}.step")[0]))}
+        self.step, self.log = int(meta["step"]), list(meta["log"])
+
+    def trained_weights(self) -> list[LoRAWeight]:
+        """The adapters as LoRAWeights (A, B, alpha / rank), for the writers."""
+        out = []
+        for lname, (_, stack) in lora_layers(self.model).items():
+            for p in stack.adapters[NAME] if NAME in stack.adapters else ():
+                out.append(LoRAWeight(lname, p.lora_A.detach().float().cpu(), p.lora_B.detach().float().cpu(),
+                                      p.scale, p.offset))
+        return out
+
+    def sample(self, prompts: list[str], path: Path, *, steps: int = 20, seed: int = 0) -> Path:
+        """Images of ``prompts`` (fixed seeds) with the LoRA as trained so far, tiled in one PNG at ``path``
+        (at the first image's bucket; rank 0 only)."""
+        from PIL import Image
+
+        from ..outputs import replacing
+
+        w, h = self.item_buckets[0]
+        was = self.model.training
+        with torch.no_grad():
+            ims = self.pipe.generate(list(prompts), width=w, height=h, steps=steps, seed=seed,
+                                     guidance=None)  # the family default for a guidance embedder
+        self.model.train(was)
+        sheet = Image.new("RGB", (w * len(ims), h), "white")
+        for i, im in enumerate(ims):
+            sheet.paste(im, (i * w, 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp:
+            sheet.save(tmp, format="PNG")
+        return path
+
+    def export(self, fmt: str = "peft", path: Path | None = None) -> Path:
+        from ..lora.write import write_lora
+
+        path = Path(path) if path is not None else self.out / LORA_FILE
+        write_lora(path, self.trained_weights(), fam=self.pipe.family_module, model=self.model, rank=self.cfg.rank,
+                   alpha=self.alpha, fmt=fmt, extra={"rflow.training": json.dumps({"steps": self.step,
+                                                                                   "config": asdict(self.cfg)})})
+        return path
+
+    def run(self, *, resume: bool = False, until: int | None = None,
+            progress: Callable[[dict], None] | None = None) -> dict:
+        """Cache latents and captions, then train to ``cfg.steps`` (or stop at ``until``), checkpointing
+        every ``checkpoint_every`` steps and at the end."""
+        state = self.out / STATE_FILE
+        if resume:
+            if not state.exists():
+                raise UserError(f"{state}: nothing to resume")
+            self.load_state(state)
+        elif state.exists():
+            raise UserError(f"{state} exists: pass --resume to continue it, or choose another output folder")
+        self.cache.warm(self.items, self.item_buckets, [it.caption for it in self.items] + [""])
+        stop = min(self.cfg.steps, until) if until is not None else self.cfg.steps
+        t0 = time.perf_counter()
+        while self.step < stop:
+            self.train_step()
+            if progress:
+                progress(self.log[-1])
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == stop:
+                self.save_state()
+        recent = [r["loss"] for r in self.log[-50:]]
+        return {"step": self.step, "seconds": time.perf_counter() - t0,
+                "loss": sum(recent) / len(recent) if recent else float("nan")}
