@@ -40,6 +40,11 @@ def request_interrupt() -> None:
     _interrupted = True
 
 
+def interrupt_requested() -> bool:
+    """Whether a Ctrl-C / SIGTERM was noted since the run started (see :func:`request_interrupt`)."""
+    return _interrupted
+
+
 def clear_interrupt() -> None:
     global _interrupted
     _interrupted = False

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rflow: error: {' '.join(str(e).split())}", file=sys.stderr)
         return _exit(2, argv)
     except Exception as e:
+        if outputs.interrupt_requested():  # a library turned the KeyboardInterrupt into its own error
+            _interrupted()                 # (transformers' lazy imports raise ModuleNotFoundError)
+            return _exit(130, argv)
         if not _out_of_memory(e):
             raise
         print("rflow: error: out of memory: use a smaller --size or --batch, or a narrower --dtype", file=sys.stderr)
