@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .offload import _tensors  # one walk over parameters and buffers
 
 MODES = ("resident", "swap", "cpu", "auto")
 # the entry points a pipeline part is called through (text encoders, codecs); those a class defines are wrapped
@@ -80,19 +81,10 @@ def _copy(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=t.device.type == "cpu" and t.is_pinned())
 
 
+
 def _same(a: Tensor, b: Tensor) -> bool:
     return a.device == b.device and a.data_ptr() == b.data_ptr()
 
-
-def _tensors(module: nn.Module):
-    """(owner, name, is_parameter, tensor) of every parameter and buffer of ``module``."""
-    for mod in module.modules():
-        for name, p in mod._parameters.items():
-            if p is not None:
-                yield mod, name, True, p
-        for name, b in mod._buffers.items():
-            if b is not None:
-                yield mod, name, False, b
 
 
 def nbytes(module: nn.Module) -> int:
