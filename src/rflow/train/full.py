@@ -37,6 +37,7 @@ from ..checkpoints.io import open_weights, save_safetensors
 from ..errors import NonFiniteError, UserError
 from ..families.base import cond_rows, cond_stack
 from ..pipeline import Pipeline, save_pipeline
+from .state import check_settings, load_adam, read_meta
 
 STATE_FILE = "train_state.safetensors"
 STATE_VERSION = 1
@@ -202,28 +203,16 @@ class Trainer:
 
     def load_state(self, path: Path) -> None:
         with open_weights(path) as f:
-            raw = f.metadata.get("rflow.train_state")
-            if raw is None:
-                raise UserError(f"{path}: not an rflow training state")
-            meta = json.loads(raw)
-            if meta.get("version") != STATE_VERSION:
-                raise UserError(f"{path}: training state version {meta.get('version')} is not {STATE_VERSION}")
+            meta = read_meta(f, path, "rflow.train_state", STATE_VERSION, "training state")
             if meta["model_config"] != self.model.config.to_dict():
                 raise UserError(f"{path}: saved model config differs from this run's")
-            saved = {k: v for k, v in meta["train_config"].items() if k not in ("steps", "checkpoint_every")}
-            now = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k not in ("steps", "checkpoint_every")}
-            if saved != now:
-                diff = sorted(k for k in now if saved.get(k) != now[k])
-                raise UserError(f"{path}: resuming needs the same settings (differs: {', '.join(diff)})")
+            check_settings(path, meta["train_config"], self.cfg)
             dev = self.pipe.device
             self.model.load_state_dict({k[6:]: f.get(k).to(dev) for k in f.keys() if k.startswith("model.")})
             self.ema = {k[4:]: f.get(k).to(dev) for k in f.keys() if k.startswith("ema.")}
             names = dict(self.model.named_parameters())
             for n, p in names.items():
-                if f"opt.{n}.exp_avg" in f:
-                    self.opt.state[p] = {"exp_avg": f.get(f"opt.{n}.exp_avg").to(dev),
-                                         "exp_avg_sq": f.get(f"opt.{n}.exp_avg_sq").to(dev),
-                                         "step": torch.tensor(float(f.get(f"opt.{n}.step")[0]))}
+                load_adam(f, self.opt, n, p)
         self.step, self.log = int(meta["step"]), list(meta["log"])
 
     def export(self, path: Path, extra: dict | None = None) -> Path:

@@ -261,20 +261,11 @@ class LoRATrainer:
 
     def load_state(self, path: Path) -> None:
         from ..checkpoints.io import open_weights
+        from .state import check_settings, load_adam, read_meta
 
         with open_weights(path) as f:
-            raw = f.metadata.get("rflow.lora_train_state")
-            if raw is None:
-                raise UserError(f"{path}: not an rflow LoRA training state")
-            meta = json.loads(raw)
-            if meta.get("version") != STATE_VERSION:
-                raise UserError(f"{path}: training state version {meta.get('version')} is not {STATE_VERSION}")
-            skip = ("steps", "checkpoint_every")
-            saved = {k: v for k, v in meta["config"].items() if k not in skip}
-            now = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k not in skip}
-            if saved != now:
-                diff = sorted(k for k in now if saved.get(k) != now[k])
-                raise UserError(f"{path}: resuming needs the same settings (differs: {', '.join(diff)})")
+            meta = read_meta(f, path, "rflow.lora_train_state", STATE_VERSION, "LoRA training state")
+            check_settings(path, meta["config"], self.cfg)
             if meta.get("model") != self.cache.settings or meta.get("layers") != self.layers:
                 raise UserError(f"{path}: this run trained another base model (or other layers); resume it with the "
                                 "same --model and --targets")
@@ -283,10 +274,7 @@ class LoRATrainer:
             with torch.no_grad():
                 for n, p in zip(self.names, self.params):
                     p.copy_(f.get(f"lora.{n}").to(p.device, p.dtype))
-                    if f"opt.{n}.exp_avg" in f:
-                        self.opt.state[p] = {"exp_avg": f.get(f"opt.{n}.exp_avg").to(p.device),
-                                             "exp_avg_sq": f.get(f"opt.{n}.exp_avg_sq").to(p.device),
-                                             "step": torch.tensor(float(f.get(f"opt.{n}.step")[0]))}
+                    load_adam(f, self.opt, n, p)
         self.step, self.log = int(meta["step"]), list(meta["log"])
 
     def trained_weights(self) -> list[LoRAWeight]:
