@@ -9,6 +9,7 @@ family (:meth:`Pipeline.latent_shape`); ``noise`` and the ``output_type="latent"
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +37,18 @@ class Schedule:
 
     def sigmas(self, steps: int, image_seq_len: int) -> Tensor:
         return sampling.get_sigmas(steps, schedule=self.kind, image_seq_len=image_seq_len, shift=self.shift)
+
+    def shift_factor(self, image_seq_len: int, steps: int = 50) -> float:
+        """The factor s of ``t' = s·t / (1 + (s − 1)·t)`` this schedule applies at ``image_seq_len`` image
+        tokens: e^mu of the resolution-dependent shift ("flux"; "flux2" at ``steps``), the static shift, or 1;
+        what training's ``--shift auto`` draws its timesteps with."""
+        if self.kind == "flux":
+            return math.exp(sampling.flux_mu(image_seq_len))
+        if self.kind == "flux2":
+            return math.exp(sampling.flux2_mu(image_seq_len, steps))
+        if self.kind == "static":
+            return float(self.shift)
+        return 1.0
 
 
 

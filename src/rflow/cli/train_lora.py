@@ -34,7 +34,10 @@ def train(
     timestep: str = typer.Option("logit-normal", "--timestep", help="uniform | logit-normal | shift"),
     logit_mean: float = typer.Option(0.0, "--logit-mean"),
     logit_std: float = typer.Option(1.0, "--logit-std"),
-    shift: float = typer.Option(3.0, "--shift", help="for --timestep shift"),
+    shift: str = typer.Option("3.0", "--shift", help="for --timestep shift: a factor, or auto (the model's "
+                                                   "resolution-dependent shift per bucket)"),
+    ema: float = typer.Option(0.0, "--ema", help="EMA decay of the LoRA weights, e.g. 0.99 (0: none); samples and "
+                                                "the final LoRA use the EMA"),
     caption_dropout: float = typer.Option(0.05, "--caption-dropout"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="distilled models: guidance during training "
                                                                       "(default 1.0)"),
@@ -60,7 +63,8 @@ def train(
         from .generate import train as train_full
 
         lora_only = {"--data": data is not None, "--alpha": alpha is not None, "--quant": quant is not None,
-                     "--guidance": guidance is not None, "--grad-accum": grad_accum != 1, "--rank": rank != 16}
+                     "--guidance": guidance is not None, "--grad-accum": grad_accum != 1, "--rank": rank != 16,
+                     "--ema": ema != 0.0, "--shift": shift != "3.0"}
         lora_only.update({"--sample-every": sample_every != 0, "--sample-prompt": bool(sample_prompt)})
         used = [k for k, v in lora_only.items() if v]
         if used:
@@ -71,7 +75,7 @@ def train(
     run_lora(output=output, model=model, data=data, steps=1000 if steps is None else steps, rank=rank, alpha=alpha,
              targets=targets, lr=1e-4 if lr is None else lr, batch=1 if batch is None else batch, grad_accum=grad_accum,
              warmup=warmup, resolution=resolution, timestep=timestep, logit_mean=logit_mean, logit_std=logit_std,
-             shift=shift, caption_dropout=caption_dropout, guidance=guidance, quant=quant,
+             shift=shift, ema=ema, caption_dropout=caption_dropout, guidance=guidance, quant=quant,
              gradient_checkpointing=gradient_checkpointing, fmt=fmt, seed=seed, resume=resume,
              checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram, sample_every=sample_every,
              sample_prompts=sample_prompt or [])
@@ -104,7 +108,7 @@ def _memory(device) -> str:
 
 
 def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batch, grad_accum, warmup, resolution,
-             timestep, logit_mean, logit_std, shift, caption_dropout, guidance, quant, gradient_checkpointing, fmt,
+             timestep, logit_mean, logit_std, shift, caption_dropout, ema, guidance, quant, gradient_checkpointing, fmt,
              seed, resume, checkpoint_every, device, offload, vram, sample_every=0, sample_prompts=()) -> None:
     import time
 
@@ -142,9 +146,14 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     options.integer(sample_every, "--sample-every", low=0)
     options.number(lr, "--lr", low=0, low_open=True, high=1)
     options.number(caption_dropout, "--caption-dropout", low=0, high=1)
+    if shift != "auto":
+        try:
+            shift = float(shift)
+        except ValueError:
+            raise UserError(f"--shift {shift!r}: a positive number, or auto") from None
     cfg = LoRAConfig(steps=steps, rank=rank, alpha=alpha, targets=targets, lr=lr, batch=batch, grad_accum=grad_accum,
                      warmup=warmup, resolution=resolution, timestep=timestep, logit_mean=logit_mean,
-                     logit_std=logit_std, shift=shift, caption_dropout=caption_dropout, guidance=guidance,
+                     logit_std=logit_std, shift=shift, caption_dropout=caption_dropout, guidance=guidance, ema=ema,
                      gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every)
     cfg.check()
     output = output.expanduser()
@@ -190,7 +199,8 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
                 if sample_every and row["step"] % sample_every == 0:
                     trainer.sample(prompts, output / "samples" / f"step-{row['step']:06d}.png")
 
-        result = trainer.run(resume=resume, progress=on_step)
+        # every caption and sample prompt is cached first: the text encoders are not needed after that
+        result = trainer.run(resume=resume, progress=on_step, sample_prompts=prompts, unload_text_encoders=True)
     if world > 1:
         import torch.distributed as dist
 

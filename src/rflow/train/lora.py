@@ -5,10 +5,15 @@ are added) or streamed by block offload — and trainable adapters are added bes
 layers (:func:`rflow.lora.add_lora_`; A random, B zero, so step 0 is the base model). Loss: flow
 matching at x_t = (1−t)·x0 + t·noise on the velocity noise − x0, through the family's denoiser and
 weighted by its ``loss_weight`` (the x0-error weighting of data-predicting models, as full training).
-t is drawn uniform, logit-normal(mean, std) or shifted (t' = s·t / (1 + (s−1)·t) of a uniform t).
+t is drawn uniform, logit-normal(mean, std) or shifted (t' = s·t / (1 + (s−1)·t) of a uniform t, s static
+or, for ``shift="auto"``, the factor the model's sampling schedule applies at each bucket's image-token
+count: FLUX.1's resolution shift e^mu, mu linear from 0.5 at 256 tokens to 1.15 at 4096).
 Models with a guidance embedder (distilled) train at guidance 1.0 unless told otherwise.
 AdamW (fused on CUDA) with linear warm-up and cosine decay, gradient accumulation, gradient clipping,
-optional gradient checkpointing of every transformer block.
+optional gradient checkpointing of every transformer block, an optional EMA of the adapters (decay
+min(ema, (1 + step) / (10 + step)), as diffusers' EMAModel) that samples and the exported LoRA use.
+Everything the steps read is cached first (latents, captions, sample prompts), so the text encoders can
+be unloaded for the rest of the run (:meth:`LoRATrainer.unload_text_encoders`).
 
 Exact resume: everything random in micro-step ``k`` is drawn from generators seeded by (seed, k), and
 the data order of epoch ``e`` from (seed, e), so the checkpoint — LoRA tensors, AdamW moments, the step
@@ -18,6 +23,7 @@ as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -59,13 +65,14 @@ class LoRAConfig:
     timestep: str = "logit-normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    shift: float = 3.0
+    shift: float | str = 3.0  # a factor, or "auto": the model's resolution-dependent shift
     guidance: float | None = None  # None: 1.0 for a model with a guidance embedder
     resolution: int = 512
     x0_weight_floor: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 250
+    ema: float = 0.0  # EMA decay of the adapters (0: none)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -84,17 +91,23 @@ class LoRAConfig:
             raise UserError(f"--lr {self.lr} must be in (0, 1]")
         if self.alpha is not None and not self.alpha > 0:
             raise UserError(f"--alpha {self.alpha} must be positive")
-        if self.shift <= 0 or self.logit_std <= 0:
-            raise UserError("the timestep shift and logit-normal std must be positive")
+        if self.shift != "auto" and (isinstance(self.shift, str) or not 0 < self.shift < math.inf):
+            raise UserError(f"--shift {self.shift!r}: a positive number, or auto (the model's resolution shift)")
+        if not self.logit_std > 0:
+            raise UserError("the logit-normal std must be positive")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"--ema {self.ema}: an EMA decay in [0, 1) (0: no EMA), e.g. 0.99")
 
 
-def sample_t(cfg: LoRAConfig, n: int, g: torch.Generator) -> torch.Tensor:
+def sample_t(cfg: LoRAConfig, n: int, g: torch.Generator, auto_shift: float = 1.0) -> torch.Tensor:
+    """``n`` training timesteps; ``auto_shift``: the factor ``cfg.shift == "auto"`` stands for."""
     if cfg.timestep == "uniform":
         return torch.rand(n, generator=g)
     if cfg.timestep == "logit-normal":
         return torch.sigmoid(torch.randn(n, generator=g) * cfg.logit_std + cfg.logit_mean)
     u = torch.rand(n, generator=g)
-    return cfg.shift * u / (1 + (cfg.shift - 1) * u)
+    s = auto_shift if cfg.shift == "auto" else float(cfg.shift)
+    return s * u / (1 + (s - 1) * u)
 
 
 class LoRATrainer:
@@ -117,6 +130,7 @@ class LoRATrainer:
             checkpoint_blocks_(model)
         self.params = list(lora_parameters(model, NAME))
         self.names = self._param_names()
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema else None
         fused = {"fused": True} if pipe.device.type == "cuda" else {}
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **fused)
         options = buckets(cfg.resolution, pipe.size_multiple)
@@ -173,7 +187,7 @@ class LoRATrainer:
         full = self.micro_batch(k)
         n = len(full)
         drop = (torch.rand(n, generator=g) < cfg.caption_dropout).tolist()
-        t = sample_t(cfg, n, g)
+        t = sample_t(cfg, n, g, self.shift_factor(self.item_buckets[full[0]]))
         share = [j for j in range(n) if j % self.world == self.rank]  # this rank's shard
         if not share:  # a last, short batch of an epoch: this rank adds nothing (but joins the all-reduce)
             return sum(p.sum() for p in self.params) * 0.0
@@ -192,6 +206,11 @@ class LoRATrainer:
         err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
         # mean over the global batch: every rank's sum over the global count
         return (err * denoiser.loss_weight(t, cfg.x0_weight_floor)).sum() / n
+
+    def shift_factor(self, bucket: tuple[int, int]) -> float:
+        """The model's own timestep shift at ``bucket`` (width, height): what ``--shift auto`` uses."""
+        w, h = bucket
+        return self.pipe.schedule.shift_factor(self.pipe.family_module.image_seq_len(self.pipe.latent_shape(h, w)))
 
     def _all_reduce_grads(self) -> None:
         if self.world > 1:
@@ -227,6 +246,11 @@ class LoRATrainer:
             raise NonFiniteError(f"the gradients became NaN/inf at step {self.step + 1}; stopped, the last "
                                  f"checkpoint in {self.out} is kept (try a lower --lr)")
         self.opt.step()
+        if self.ema is not None:
+            d = min(cfg.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1 - d)
         self.step += 1
         row = {"step": self.step, "loss": total, "lr": cfg.lr_at(self.step - 1), "grad_norm": float(gnorm)}
         self.log.append(row)
@@ -247,8 +271,10 @@ class LoRATrainer:
         from ..checkpoints.io import save_safetensors
 
         t = {}
-        for n, p in zip(self.names, self.params):
+        for i, (n, p) in enumerate(zip(self.names, self.params)):
             t[f"lora.{n}"] = p.detach().cpu()
+            if self.ema is not None:
+                t[f"ema.{n}"] = self.ema[i].detach().cpu()
             st = self.opt.state.get(p)
             if st:
                 t[f"opt.{n}.exp_avg"] = st["exp_avg"].cpu()
@@ -272,32 +298,71 @@ class LoRATrainer:
             if meta["data"]["items"] != [it.digest for it in self.items]:
                 raise UserError(f"{path}: the dataset changed since this run started; resume with the same images")
             with torch.no_grad():
-                for n, p in zip(self.names, self.params):
+                for i, (n, p) in enumerate(zip(self.names, self.params)):
                     p.copy_(f.get(f"lora.{n}").to(p.device, p.dtype))
                     load_adam(f, self.opt, n, p)
+                    if self.ema is not None:
+                        self.ema[i].copy_(f.get(f"ema.{n}").to(p.device, p.dtype))
         self.step, self.log = int(meta["step"]), list(meta["log"])
 
+    @contextlib.contextmanager
+    def averaged(self):
+        """The EMA weights in the adapters for the ``with`` block (the trained ones without an EMA)."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            held = [p.detach().clone() for p in self.params]
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, h in zip(self.params, held):
+                    p.copy_(h)
+
     def trained_weights(self) -> list[LoRAWeight]:
-        """The adapters as LoRAWeights (A, B, alpha / rank), for the writers."""
+        """The adapters as LoRAWeights (A, B, alpha / rank), for the writers: the EMA when there is one."""
         out = []
-        for lname, (_, stack) in lora_layers(self.model).items():
-            for p in stack.adapters[NAME] if NAME in stack.adapters else ():
-                out.append(LoRAWeight(lname, p.lora_A.detach().float().cpu(), p.lora_B.detach().float().cpu(),
-                                      p.scale, p.offset))
+        with self.averaged():
+            for lname, (_, stack) in lora_layers(self.model).items():
+                for p in stack.adapters[NAME] if NAME in stack.adapters else ():
+                    out.append(LoRAWeight(lname, p.lora_A.detach().float().cpu().clone(),
+                                          p.lora_B.detach().float().cpu().clone(), p.scale, p.offset))
         return out
 
+    def unload_text_encoders(self) -> None:
+        """Drop the pipeline's text encoders (after :meth:`run` cached every caption and sample prompt):
+        their memory goes back for the rest of the run; captions not cached become an error."""
+        self.pipe.text_encoders = None
+        if self.pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def sample(self, prompts: list[str], path: Path, *, steps: int = 20, seed: int = 0) -> Path:
-        """Images of ``prompts`` (fixed seeds) with the LoRA as trained so far, tiled in one PNG at ``path``
-        (at the first image's bucket; rank 0 only)."""
+        """Images of ``prompts`` (fixed seeds, Euler, the family's default guidance) with the LoRA as trained
+        so far (its EMA when there is one), tiled in one PNG at ``path`` at the first image's bucket.
+        The prompts' conditionings come from the cache, so this works with the text encoders unloaded."""
         from PIL import Image
 
+        from .. import sampling
+        from ..families.base import Guidance, guided
         from ..outputs import replacing
 
+        pipe, dev = self.pipe, self.pipe.device
         w, h = self.item_buckets[0]
+        shape = pipe.latent_shape(h, w, len(prompts))
+        cond = cond_stack([self.cache.cond(p) for p in prompts])
+        g = pipe.resolve_guidance(None)
+        if g is not None:
+            cond = dataclasses.replace(cond, guidance=torch.full((len(prompts),), g))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dev)
+        sigmas = pipe.schedule.sigmas(steps, image_seq_len=pipe.family_module.image_seq_len(shape)).to(dev)
         was = self.model.training
-        with torch.no_grad():
-            ims = self.pipe.generate(list(prompts), width=w, height=h, steps=steps, seed=seed,
-                                     guidance=None)  # the family default for a guidance embedder
+        self.model.eval()
+        with torch.no_grad(), self.averaged():
+            latent = sampling.sample(guided(pipe.denoiser, cond.to(dev), None, Guidance()), noise, sigmas, "euler")
+            ims = pipe.decode(latent)
         self.model.train(was)
         sheet = Image.new("RGB", (w * len(ims), h), "white")
         for i, im in enumerate(ims):
@@ -316,10 +381,11 @@ class LoRATrainer:
                                                                                    "config": asdict(self.cfg)})})
         return path
 
-    def run(self, *, resume: bool = False, until: int | None = None,
-            progress: Callable[[dict], None] | None = None) -> dict:
-        """Cache latents and captions, then train to ``cfg.steps`` (or stop at ``until``), checkpointing
-        every ``checkpoint_every`` steps and at the end."""
+    def run(self, *, resume: bool = False, until: int | None = None, progress: Callable[[dict], None] | None = None,
+            sample_prompts: list[str] = (), unload_text_encoders: bool = False) -> dict:
+        """Cache latents, captions and ``sample_prompts``, then (with the text encoders unloaded if asked)
+        train to ``cfg.steps`` (or stop at ``until``), checkpointing every ``checkpoint_every`` steps and at
+        the end."""
         state = self.out / STATE_FILE
         if resume:
             if not state.exists():
@@ -327,7 +393,9 @@ class LoRATrainer:
             self.load_state(state)
         elif state.exists():
             raise UserError(f"{state} exists: pass --resume to continue it, or choose another output folder")
-        self.cache.warm(self.items, self.item_buckets, [it.caption for it in self.items] + [""])
+        self.cache.warm(self.items, self.item_buckets, [it.caption for it in self.items] + [""] + list(sample_prompts))
+        if unload_text_encoders:
+            self.unload_text_encoders()
         stop = min(self.cfg.steps, until) if until is not None else self.cfg.steps
         t0 = time.perf_counter()
         while self.step < stop:
