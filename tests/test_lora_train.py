@@ -1,6 +1,7 @@
 """LoRA training: datasets and buckets, exact resume, written files (rflow and diffusers read them back
 with the trained adapters' effect), the CLI's one-line errors."""
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -294,8 +295,18 @@ def test_cli(capsys, tiny_dir, data, tmp_path):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("rflow: error: ") and fragment in err[0], err
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # the run exists
+    board = sorted((run / "tensorboard").iterdir())
     assert main(args + ["--steps", "3", "--resume"]) == 0, capsys.readouterr().err
     assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    from rflow.train.tensorboard import read_events
+
+    first = read_events(board[0])
+    assert [e["step"] for e in first if "train/loss" in e["scalars"]] == [1, 2]
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(first[1]["scalars"])
+    png = [e["images"]["samples"] for e in first if "samples" in e["images"]]
+    assert len(png) == 1 and Image.open(io.BytesIO(png[0])).size == (4 * 32, 32)
+    later = [p for p in (run / "tensorboard").iterdir() if p not in board]  # the resumed run: a new file
+    assert len(later) == 1 and [e["step"] for e in read_events(later[0]) if e["scalars"]] == [3]
 
 
 # ------------------------------------------------------------------------------------------- data parallel

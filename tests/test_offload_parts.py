@@ -309,7 +309,8 @@ def test_two_training_steps_through_streamed_blocks_are_identical(plain, device_
         for p in trainable:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(trainable, lr=1e-3)
-        state = types.SimpleNamespace(cfg=TrainConfig(batch=2), pipe=pipe, data=shapes_batch, text=TextCache(pipe))
+        state = types.SimpleNamespace(cfg=TrainConfig(batch=2), pipe=pipe, data=shapes_batch, text=TextCache(pipe),
+                                      rank=0, world=1)
         losses = []
         for step in range(2):
             loss = Trainer.loss_at(state, step)

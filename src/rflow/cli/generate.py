@@ -266,83 +266,6 @@ def eval_(
     print(f"grid: {grid}")
 
 
-def train(
-    output: Path = typer.Option(..., "-o", "--output", help="run folder: train_state.safetensors, model/"),
-    full: bool = typer.Option(False, "--full", help="train every weight on the shapes world: rflow-tiny from scratch, "
-                                                  "or the --model given"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m",
-                                         help="start from this model (any family) instead of a fresh rflow-tiny"),
-    steps: int = typer.Option(4000, "--steps"),
-    batch: int = typer.Option(32, "--batch"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    seed: int = typer.Option(0, "--seed", help="data and noise seed"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in OUTPUT exactly where it stopped"),
-    checkpoint_every: int = typer.Option(250, "--checkpoint-every"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    offload: str = typer.Option("none", "--offload", help="none | blocks | auto: stream frozen transformer blocks "
-                                                          "from host memory (not with --full, which trains them all)"),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory offload may use, e.g. 4GiB"),
-):
-    """Train rflow-tiny from scratch, or fine-tune every weight of a model, on the shapes world (flow
-    matching, AdamW, EMA); atomic checkpoints, exact resume."""
-    import time
-
-    from .. import options
-
-    from ..world import tiny
-    from ..outputs import check_output
-    from ..train.full import STATE_FILE, TrainConfig, Trainer, export_path
-
-    from ..runtime.offload import check_options
-
-    check_options(offload, vram)
-    if not full:
-        raise UserError("only full training (--full) is available in this version")
-    if offload != "none":  # streamed weights are frozen; --full trains every one of them
-        raise UserError("--offload streams frozen blocks, but --full trains every weight: full training runs with "
-                        "the whole model on the device (--offload none)")
-    options.integer(steps, "--steps", low=1, high=10_000_000)
-    options.integer(batch, "--batch", low=1, high=4096)
-    options.number(lr, "--lr", low=0, low_open=True, high=1)
-    options.integer(checkpoint_every, "--checkpoint-every", low=1)
-    output = output.expanduser()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output}: exists and is not a folder; the run folder must be a folder")
-    if resume and not (output / STATE_FILE).is_file():
-        raise UserError(f"{output / STATE_FILE}: nothing to resume")
-    if not resume and output.is_dir() and any(output.iterdir()):
-        raise UserError(f"{output} already exists: continue that run with --resume, or choose a new folder")
-    check_output(output, kind="dir", force=True, what="the run folder")  # a writable place
-    dev = options.device(device) if device is not None else None
-    cfg = TrainConfig(steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
-    source = None
-    if model is not None:
-        from ..paths import resolve_model
-        from ..pipeline import load
-
-        source = resolve_model(model)
-        pipe = load(source, device=dev, dtype="fp32")
-        pipe.check_request(1, 64, 64)  # the shapes world draws 64x64 images
-    else:
-        pipe = tiny.build(seed=cfg.model_seed)
-        if dev is not None:
-            pipe.transformer.to(dev), pipe.text_encoders.to(dev), pipe.vae.to(dev)
-    trainer = Trainer(pipe, cfg, output, source=source)
-    t0 = time.perf_counter()
-    with progress("training", cfg.steps) as update:
-        def on_step(row):
-            recent = [r["loss"] for r in trainer.log[-50:]]
-            update(row["step"], description=f"training (loss {sum(recent) / len(recent):.4f})")
-
-        result = trainer.run(resume=resume, progress=on_step)
-    command = (f"rflow train --full -o {output} --steps {steps} --batch {batch} --lr {lr} --seed {seed}"
-               + (f" --model {model}" if model is not None else ""))
-    path = trainer.export(export_path(output, source), extra={"training": {
-        "command": command, "steps": result["step"], "seed": seed, "final_loss": result["loss"]}})
-    console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {time.perf_counter() - t0:.0f} s", highlight=False)
-    print(path)
-
-
 def info(path: Path = typer.Argument(..., help="a checkpoint file or folder, or rflow-tiny"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Tell what a checkpoint is: family, format, parameter count, dtypes, depth, per-block MLP widths."""
@@ -384,7 +307,7 @@ def _widths(ws: list) -> str:
 def register(app) -> None:
     app.command()(generate)
     app.command("eval")(eval_)
-    from .train_lora import train as train_command  # LoRA by default; --full comes back to train() above
+    from .train_lora import train as train_command  # LoRA by default; --full goes to train_full
 
     app.command("train")(train_command)
     app.command()(info)

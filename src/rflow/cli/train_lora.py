@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -60,7 +59,7 @@ def train(
     """Train a LoRA on a frozen model from a captioned image folder (atomic checkpoints, exact resume,
     PEFT or kohya output), or with --full every weight on the shapes world."""
     if full:
-        from .generate import train as train_full
+        from .train_full import run_full
 
         lora_only = {"--data": data is not None, "--alpha": alpha is not None, "--quant": quant is not None,
                      "--guidance": guidance is not None, "--grad-accum": grad_accum != 1, "--rank": rank != 16,
@@ -69,7 +68,7 @@ def train(
         used = [k for k, v in lora_only.items() if v]
         if used:
             raise UserError(f"{', '.join(used)}: LoRA options, not for --full")
-        return train_full(output=output, full=True, model=model, steps=4000 if steps is None else steps,
+        return run_full(output=output, model=model, steps=4000 if steps is None else steps,
                           batch=32 if batch is None else batch, lr=1e-3 if lr is None else lr, seed=seed, resume=resume,
                           checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram)
     run_lora(output=output, model=model, data=data, steps=1000 if steps is None else steps, rank=rank, alpha=alpha,
@@ -79,19 +78,6 @@ def train(
              gradient_checkpointing=gradient_checkpointing, fmt=fmt, seed=seed, resume=resume,
              checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram, sample_every=sample_every,
              sample_prompts=sample_prompt or [])
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) under torchrun, with the process group started; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _memory(device) -> str:
@@ -118,6 +104,9 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     from ..runtime.offload import check_options
     from ..train.data import read_dataset
     from ..train.lora import STATE_FILE, LoRAConfig, LoRATrainer
+    from ..train.dist import close_world, init_world
+    from ..train.tensorboard import EventWriter
+    from PIL import Image
 
     if model is None:
         raise UserError("LoRA training needs --model (the frozen base), or pass --full to train every weight")
@@ -178,12 +167,13 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
         quantize_(pipe.transformer, quant)
     if sample_prompts:
         pipe.check_prompts(list(sample_prompts))
-    rank_id, world = _world()
+    rank_id, world = init_world()
     trainer = LoRATrainer(pipe, cfg, items, output, rank=rank_id, world=world)
     prompts = list(sample_prompts) or list(dict.fromkeys(it.caption for it in items))[:4]
     t0 = time.perf_counter()
     log_path = output / "log.jsonl"
     first: list[int] = []
+    board = EventWriter(output / "tensorboard") if rank_id == 0 else None
     with progress("training LoRA", cfg.steps) as update:
         def on_step(row):
             first.append(first[0] if first else row["step"] - 1)
@@ -196,15 +186,20 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
                     log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.log[:-1]), encoding="utf-8")
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
+                board.scalars(row["step"], {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm")})
                 if sample_every and row["step"] % sample_every == 0:
-                    trainer.sample(prompts, output / "samples" / f"step-{row['step']:06d}.png")
+                    path = trainer.sample(prompts, output / "samples" / f"step-{row['step']:06d}.png")
+                    with Image.open(path) as im:
+                        board.image("samples", im, row["step"])
+                board.flush()
 
         # every caption and sample prompt is cached first: the text encoders are not needed after that
-        result = trainer.run(resume=resume, progress=on_step, sample_prompts=prompts, unload_text_encoders=True)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        try:
+            result = trainer.run(resume=resume, progress=on_step, sample_prompts=prompts, unload_text_encoders=True)
+        finally:
+            if board is not None:
+                board.close()
+    close_world(world)
     if rank_id == 0:
         path = trainer.export(fmt)
         console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {time.perf_counter() - t0:.0f} s",

@@ -37,6 +37,7 @@ from ..checkpoints.io import open_weights, save_safetensors
 from ..errors import NonFiniteError, UserError
 from ..families.base import cond_rows, cond_stack
 from ..pipeline import Pipeline, save_pipeline
+from .dist import barrier, check_batch, full_tensor, global_mean, like, shard_
 from .state import check_settings, load_adam, read_meta
 
 STATE_FILE = "train_state.safetensors"
@@ -108,18 +109,26 @@ class TextCache:
 class Trainer:
     """``source``: the model path the pipeline was loaded from, when training starts from a model (any
     family); the result is then written like it (rflow.compress.save). Without it the pipeline is a
-    fresh rflow-tiny and the result an rflow pipeline folder."""
+    fresh rflow-tiny and the result an rflow pipeline folder.
+
+    ``rank``/``world`` (torchrun, :mod:`.dist`): the model is sharded with FSDP2 and each rank trains on
+    its share of every global batch of ``cfg.batch`` (the data and noise are drawn for the global batch,
+    so a run of any world size sees the same samples); rank 0 alone writes the state and the result."""
 
     def __init__(self, pipe: Pipeline, cfg: TrainConfig, out: Path,
                  data: Callable[[int, int, int], tuple[torch.Tensor, list[str]]] = shapes_batch,
-                 source: Path | None = None):
+                 source: Path | None = None, *, rank: int = 0, world: int = 1):
         from ..runtime.offload import streamer
 
         if streamer(pipe.transformer) is not None:  # streamed weights are frozen views of host buffers
             raise UserError("full training trains every weight, so it cannot stream blocks: load the model with "
                             "offload='none'")
         self.pipe, self.cfg, self.out, self.data, self.source = pipe, cfg, Path(out), data, source
+        self.rank, self.world = rank, world
         self.model = pipe.transformer.train().requires_grad_(True)
+        if world > 1:
+            check_batch(cfg.batch, world)
+            shard_(self.model, pipe.family_module.blocks(self.model), world, pipe.device)
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
@@ -138,13 +147,15 @@ class Trainer:
         B = images.shape[0]
         drop = torch.rand(B, generator=g) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        cond = self.text(captions)
+        share = list(range(self.rank, B, self.world))  # this rank's samples of the global batch
+        cond = self.text([captions[j] for j in share])
         with torch.no_grad():
-            x0 = pipe.vae.encode(images.to(dev, pipe.vae.dtype)).float()
-        t = torch.sigmoid(torch.randn(B, generator=g) * cfg.logit_std + cfg.logit_mean).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
+            x0 = pipe.vae.encode(images[share].to(dev, pipe.vae.dtype)).float()
+        t = torch.sigmoid(torch.randn(B, generator=g) * cfg.logit_std + cfg.logit_mean)[share].to(dev)
+        noise = torch.randn((B, *x0.shape[1:]), generator=g)[share].to(dev)
         lo, hi = cfg.guidance_range
-        guidance = (lo + (hi - lo) * torch.rand(B, generator=g)).to(dev)
+        guidance = (lo + (hi - lo) * torch.rand(B, generator=g))[share].to(dev)
+        B = len(share)
         if pipe.has_guidance_embedder():  # a distilled-guidance model learns every scale of the range
             cond = dataclasses.replace(cond, guidance=guidance)
         tb = t.view(B, *([1] * (x0.ndim - 1)))
@@ -154,15 +165,19 @@ class Trainer:
             v = denoiser(xt, t, cond.to(dev))
         # the velocity error of a data-predicting model is its x0 error over t, which makes nearly clean
         # samples dominate the loss; the family's weight bounds that (see the module docstring)
-        err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
-        return (err * denoiser.loss_weight(t, cfg.x0_weight_floor)).mean()
+        err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1) * denoiser.loss_weight(t, cfg.x0_weight_floor)
+        if self.world == 1:
+            return err.mean()
+        # FSDP2 averages the ranks' gradients: each rank's sum scaled so that mean is the global batch's mean
+        return err.sum() * self.world / self.cfg.batch
 
     def train_step(self) -> float:
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         loss = self.loss_at(self.step)
-        if not math.isfinite(loss.item()):
+        value = global_mean(loss.item(), self.world)
+        if not math.isfinite(value):
             raise NonFiniteError(f"the training loss became NaN/inf at step {self.step + 1}; stopped, the last "
                                  f"checkpoint in {self.out} is kept (try a lower --lr)")
         self.opt.zero_grad(set_to_none=True)
@@ -177,28 +192,33 @@ class Trainer:
             for k, v in self.model.state_dict().items():
                 self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
         self.step += 1
-        self.log.append({"step": self.step, "loss": loss.item(), "lr": cfg.lr_at(self.step - 1), "grad_norm": float(gnorm)})
+        self.log.append({"step": self.step, "loss": value, "lr": cfg.lr_at(self.step - 1), "grad_norm": float(gnorm)})
         return self.log[-1]["loss"]
 
     # -- state ---------------------------------------------------------------------------------
-    def save_state(self) -> Path:
-        t = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
-        t.update({f"ema.{k}": v.cpu() for k, v in self.ema.items()})
+    def save_state(self) -> Path | None:
+        """Every rank gathers the full tensors (shards); rank 0 writes them and returns the path."""
+        t = {f"model.{k}": full_tensor(v.detach()).cpu() for k, v in self.model.state_dict().items()}
+        t.update({f"ema.{k}": full_tensor(v).cpu() for k, v in self.ema.items()})
         names = {id(p): n for n, p in self.model.named_parameters()}
         for group in self.opt.param_groups:
             for p in group["params"]:
                 st = self.opt.state.get(p)
                 if st:
                     n = names[id(p)]
-                    t[f"opt.{n}.exp_avg"] = st["exp_avg"].cpu()
-                    t[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].cpu()
-                    t[f"opt.{n}.step"] = torch.as_tensor(st["step"]).float().reshape(1).cpu()
+                    t[f"opt.{n}.exp_avg"] = full_tensor(st["exp_avg"]).cpu()
+                    t[f"opt.{n}.exp_avg_sq"] = full_tensor(st["exp_avg_sq"]).cpu()
+                    t[f"opt.{n}.step"] = torch.as_tensor(full_tensor(st["step"])).float().reshape(1).cpu()
+        if self.rank != 0:
+            barrier(self.world)  # the state is on disk when save_state returns, on every rank
+            return None
         meta = {"rflow.train_state": json.dumps({
             "version": STATE_VERSION, "step": self.step, "train_config": asdict(self.cfg),
             "model_config": self.model.config.to_dict(), "log": self.log})}
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / STATE_FILE
         save_safetensors(t, path, meta)
+        barrier(self.world)
         return path
 
     def load_state(self, path: Path) -> None:
@@ -208,29 +228,49 @@ class Trainer:
                 raise UserError(f"{path}: saved model config differs from this run's")
             check_settings(path, meta["train_config"], self.cfg)
             dev = self.pipe.device
-            self.model.load_state_dict({k[6:]: f.get(k).to(dev) for k in f.keys() if k.startswith("model.")})
-            self.ema = {k[4:]: f.get(k).to(dev) for k in f.keys() if k.startswith("ema.")}
+            if self.world == 1:
+                self.model.load_state_dict({k[6:]: f.get(k).to(dev) for k in f.keys() if k.startswith("model.")})
+            else:  # into this rank's shards
+                with torch.no_grad():
+                    for k, v in self.model.state_dict().items():
+                        v.copy_(like(v, f.get(f"model.{k}")))
+            self.ema = {k: like(v, f.get(f"ema.{k}")) for k, v in self.ema.items()}
             names = dict(self.model.named_parameters())
             for n, p in names.items():
                 load_adam(f, self.opt, n, p)
         self.step, self.log = int(meta["step"]), list(meta["log"])
 
-    def export(self, path: Path, extra: dict | None = None) -> Path:
+    def export(self, path: Path, extra: dict | None = None) -> Path | None:
         """Write the EMA weights: an rflow pipeline folder, or (training started from ``source``) a model
-        like the source (:func:`export_path` gives the name)."""
+        like the source (:func:`export_path` gives the name). Sharded: every rank gathers, rank 0 writes."""
+        if self.world > 1:
+            ema = {k: full_tensor(v) for k, v in self.ema.items()}
+            if self.rank != 0:
+                return None
+            plain = self.pipe.family_module.build(self.model.config)
+            dtypes = {k: v.dtype for k, v in plain.state_dict().items()}
+            plain.load_state_dict({k: v.to(dtypes[k]) for k, v in ema.items()})
+            sharded, self.pipe.transformer = self.pipe.transformer, plain.to(self.pipe.device).eval().requires_grad_(False)
+            try:
+                return self._write(plain, path, extra)
+            finally:
+                self.pipe.transformer = sharded
         live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict({k: v.to(live[k].dtype) for k, v in self.ema.items()})
         self.model.eval().requires_grad_(False)
         try:
-            if self.source is not None:
-                from ..compress.save import save_transformer_like
-
-                return save_transformer_like(self.source, self.model, path, force=True,
-                                             metadata={"rflow.training": extra or {}}).path
-            return save_pipeline(self.pipe, path, extra=extra)
+            return self._write(self.model, path, extra)
         finally:
             self.model.load_state_dict(live)
             self.model.train().requires_grad_(True)
+
+    def _write(self, model, path: Path, extra: dict | None) -> Path:
+        if self.source is not None:
+            from ..compress.save import save_transformer_like
+
+            return save_transformer_like(self.source, model, path, force=True,
+                                         metadata={"rflow.training": extra or {}}).path
+        return save_pipeline(self.pipe, path, extra=extra)
 
     def run(self, *, resume: bool = False, until: int | None = None, progress: Callable[[dict], None] | None = None) -> dict:
         """Train to ``cfg.steps`` (or stop early at ``until``), checkpointing every ``checkpoint_every``."""

@@ -39,6 +39,7 @@ from ..families.base import cond_stack
 from ..lora.layer import LoRAWeight, add_lora_, lora_layers, lora_parameters
 from .adapters import checkpoint_blocks_, init_weights, target_layers
 from .data import Cache, Item, bucket_for, buckets
+from .dist import barrier
 from .full import step_generator
 
 STATE_FILE = "train_state.safetensors"
@@ -266,7 +267,9 @@ class LoRATrainer:
                 "rng": {"seed": self.cfg.seed, "scheme": "step-seeded"}, "log": self.log}
 
     def save_state(self) -> Path | None:
+        """Rank 0 writes the state; every rank returns once it is on disk."""
         if self.rank != 0:
+            barrier(self.world)
             return None
         from ..checkpoints.io import save_safetensors
 
@@ -283,6 +286,7 @@ class LoRATrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / STATE_FILE
         save_safetensors(t, path, {"rflow.lora_train_state": json.dumps(self._meta())})
+        barrier(self.world)
         return path
 
     def load_state(self, path: Path) -> None:

@@ -37,6 +37,8 @@ def check_settings(path: Path, saved: dict, cfg) -> None:
 def load_adam(f, opt: torch.optim.Optimizer, name: str, p: torch.Tensor) -> None:
     """Give ``p`` the AdamW moments stored under ``opt.{name}.*`` in ``f``, when there are any."""
     if f"opt.{name}.exp_avg" in f:
-        opt.state[p] = {"exp_avg": f.get(f"opt.{name}.exp_avg").to(p.device),
-                        "exp_avg_sq": f.get(f"opt.{name}.exp_avg_sq").to(p.device),
+        from .dist import like  # a sharded parameter (FSDP2) gets its shard of the moments
+
+        opt.state[p] = {"exp_avg": like(p, f.get(f"opt.{name}.exp_avg")),
+                        "exp_avg_sq": like(p, f.get(f"opt.{name}.exp_avg_sq")),
                         "step": torch.tensor(float(f.get(f"opt.{name}.step")[0]))}
