@@ -1,13 +1,14 @@
 """Teach rflow-tiny the reserved colour ``magenta`` and shape ``star`` with a LoRA; writes docs/training.md.
 
 The shapes world never shows ``magenta`` or ``star`` to rflow-tiny's base training (only the ``"any"``
-split holds them). This script renders at most 50 captioned scenes that contain one or both, trains a
-LoRA on them with the library trainer (rflow.train.lora, the same code as ``rflow train``), and scores
+split holds them). This script renders at most 50 captioned scenes that contain one or both (with
+``--prior``, some of the 50 are base-grammar scenes instead), trains a LoRA on them with the library
+trainer (rflow.train.lora, the same code as ``rflow train``), and scores
 adherence (rflow.world.evaluate) before and after on prompts with the reserved words and on base
 prompts (the ``"train"`` grammar). Targets: reserved adherence from near 0 to ≥ 0.8; base adherence
 drops ≤ 0.03.
 
-    .venv/bin/python benchmarks/lora_report.py [--steps 600] [--images 48] [--eval 64]
+    .venv/bin/python benchmarks/lora_report.py [--steps 3000] [--lr 2e-3] [--images 50] [--prior 12] [--dataset curated]
 """
 
 from __future__ import annotations
@@ -40,16 +41,46 @@ def reserved_scenes(n: int, seed: int):
     return out
 
 
-def write_dataset(folder: Path, n: int, seed: int) -> list[str]:
+DATASETS = {"curated": "chosen to cover every colour, size, position and background with the new words",
+            "random": "the first random scenes of the full grammar that hold them"}
+
+
+def curated_scenes(n: int):
+    """``n`` scenes chosen to cover the new words: half single stars (every colour incl. magenta, both
+    sizes, every position, both backgrounds), a third single magenta circles / squares / triangles, the
+    rest two-object scenes with a star or a magenta object on the left."""
+    from rflow.world.shapes import BACKGROUNDS, COLOURS, POSITIONS, SIZES, Obj, Scene
+
+    cols, sizes, pos, bgs = list(COLOURS) + ["magenta"], list(SIZES), list(POSITIONS), list(BACKGROUNDS)
+    others = ("circle", "square", "triangle")
+    scenes = [Scene(bgs[i % 2], (Obj(cols[i % 7], "star", sizes[(i // 2) % 2], pos[i % 5]),)) for i in range(n // 2)]
+    scenes += [Scene(bgs[(i + 1) % 2], (Obj("magenta", others[i % 3], sizes[(i // 3) % 2], pos[(i + 2) % 5]),))
+               for i in range(n // 3)]
+    while len(scenes) < n:
+        i = len(scenes)
+        left = Obj(cols[i % 6], "star", "small", "on the left") if i % 2 else Obj("magenta", others[i % 3], "small",
+                                                                                   "on the left")
+        scenes.append(Scene(bgs[i % 2], (left, Obj(cols[(i + 3) % 6], others[(i + 1) % 3], "small", "on the right"))))
+    return scenes
+
+
+def write_dataset(folder: Path, n: int, seed: int, *, curated: bool = False, prior: int = 0) -> list[str]:
+    """``n`` captioned images: ``n - prior`` with the reserved words (curated, or the first random ``any``
+    scenes holding them) and ``prior`` base-grammar scenes (prior preservation). Returns the reserved captions."""
     from rflow.world import shapes
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng, caps = np.random.default_rng(seed + 1), []
-    for i, sc in enumerate(reserved_scenes(n, seed)):
+    k = n - prior
+    scenes = curated_scenes(k) if curated else reserved_scenes(k, seed)
+    rng, caps = np.random.default_rng(3 if curated else seed + 1), []
+    for i, sc in enumerate(scenes):
         shapes.render(sc, rng).save(folder / f"{i:03d}.png")
         cap = shapes.caption(sc)
         (folder / f"{i:03d}.txt").write_text(cap)
         caps.append(cap)
+    for i, (im, cap) in enumerate(shapes.samples(prior, seed=12345, split="train")):
+        im.save(folder / f"p{i:03d}.png")
+        (folder / f"p{i:03d}.txt").write_text(cap)
     return caps
 
 
@@ -78,14 +109,16 @@ def score(pipe, prompts, args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--images", type=int, default=50, help="training images in all (reserved + prior)")
+    ap.add_argument("--dataset", choices=("curated", "random"), default="curated")
+    ap.add_argument("--prior", type=int, default=12, help="of the images, base-grammar scenes (prior preservation)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--targets", default="attn,mlp")
     ap.add_argument("--guidance", type=float, default=3.5, help="training and sampling guidance")
-    ap.add_argument("--eval", type=int, default=64, help="prompts per set")
+    ap.add_argument("--eval", type=int, default=48, help="prompts per set")
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=DOCS / "training.md")
     args = ap.parse_args(argv)
@@ -105,7 +138,7 @@ def main(argv=None) -> int:
     b0, bacc0, _ = score(pipe, base, args)
     print(f"before: reserved {r0:.3f} ({racc0['reserved_words']:.3f} words) base {b0:.3f}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="rflow-lora-"))
-    caps = write_dataset(work / "data", args.images, seed=11)
+    caps = write_dataset(work / "data", args.images, seed=11, curated=args.dataset == "curated", prior=args.prior)
     cfg = LoRAConfig(steps=args.steps, rank=args.rank, lr=args.lr, batch=args.batch, targets=args.targets,
                      warmup=min(50, args.steps // 10), resolution=64, logit_mean=1.0, logit_std=1.2,
                      caption_dropout=0.1, guidance=args.guidance, checkpoint_every=max(1, args.steps))
@@ -147,19 +180,21 @@ def main(argv=None) -> int:
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "device": f"CPU ({platform.processor() or platform.machine()}), 1 torch thread",
                "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)},
-               "images": len(caps), "reserved_before": r0, "reserved_after": r1, "base_before": b0,
+               "images": args.images, "reserved_images": len(caps), "reserved_before": r0, "reserved_after": r1, "base_before": b0,
                "base_after": b1, "reserved_words_before": w0, "reserved_words_after": w1, "reserved_accuracy_before": racc0, "reserved_accuracy_after": racc1,
                "train_seconds": train_s, "total_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
     (DOCS / "training-results.json").write_text(json.dumps(results, indent=1))
     cmd = (f"rflow train --model rflow-tiny --data DATA --steps {args.steps} --rank {args.rank} --lr {args.lr} "
            f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean 1.0 --logit-std 1.2 "
            f"--caption-dropout 0.1 --guidance {args.guidance} --warmup {cfg.warmup} -o RUN")
+    prior_text = (f" and {args.prior} base-grammar scenes (prior preservation; {args.images} images in all)"
+                  if args.prior else "")
     acc = "\n".join(f"| {a} | {racc0[a]:.3f} | {racc1[a]:.3f} |" for a in racc0)
     text = f"""# Training a LoRA: teaching rflow-tiny magenta and stars
 
 rflow-tiny's base training never shows the colour `magenta` or the shape `star` (the shapes world keeps
-them for this experiment). {len(caps)} rendered scenes that contain one or both, with their captions, teach
-them through a LoRA (rank {args.rank}, targets `{args.targets}`); adherence is scored by the shapes-world
+them for this experiment). {len(caps)} rendered scenes that contain one or both ({args.dataset}: {DATASETS[args.dataset]}){prior_text},
+with their captions, teach them through a LoRA (rank {args.rank}, targets `{args.targets}`); adherence is scored by the shapes-world
 evaluator on {len(reserved)} prompts with the reserved words and {len(base)} base-grammar prompts,
 {args.eval_steps} Euler steps, guidance {args.guidance}, seed 0. Adherence is the evaluator's share of
 right judgements per image (background, count, colour, shape, size, position), so a model that draws a
