@@ -69,8 +69,8 @@ def train(
         if used:
             raise UserError(f"{', '.join(used)}: LoRA options, not for --full")
         return run_full(output=output, model=model, steps=4000 if steps is None else steps,
-                          batch=32 if batch is None else batch, lr=1e-3 if lr is None else lr, seed=seed, resume=resume,
-                          checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram)
+                        batch=32 if batch is None else batch, lr=1e-3 if lr is None else lr, seed=seed, resume=resume,
+                        checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram)
     run_lora(output=output, model=model, data=data, steps=1000 if steps is None else steps, rank=rank, alpha=alpha,
              targets=targets, lr=1e-4 if lr is None else lr, batch=1 if batch is None else batch, grad_accum=grad_accum,
              warmup=warmup, resolution=resolution, timestep=timestep, logit_mean=logit_mean, logit_std=logit_std,
