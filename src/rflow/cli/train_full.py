@@ -15,7 +15,7 @@ def run_full(*, output: Path, model, steps: int, batch: int, lr: float, seed: in
     from .. import options
     from ..outputs import check_output
     from ..runtime.offload import check_options
-    from ..train.dist import check_batch, close_world, init_world
+    from ..train.dist import close_world, init_world
     from ..train.full import STATE_FILE, TrainConfig, Trainer, export_path
     from ..train.tensorboard import EventWriter
     from ..world import tiny
@@ -48,7 +48,6 @@ def run_full(*, output: Path, model, steps: int, batch: int, lr: float, seed: in
         pipe.check_request(1, 64, 64)  # the shapes world draws 64x64 images
     rank, world = init_world()
     try:
-        check_batch(batch, world)
         if model is None:
             pipe = tiny.build(seed=cfg.model_seed)
             if dev is not None:

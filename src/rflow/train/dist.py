@@ -69,15 +69,20 @@ def like(ref: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full, ref.device_mesh, ref.placements)
 
 
-def global_mean(value: float, world: int) -> float:
-    """The mean of ``value`` over the ranks (every rank gets it)."""
+def global_sum(value: float, world: int) -> float:
+    """The sum of ``value`` over the ranks, in float64 (every rank gets it)."""
     if world <= 1:
         return value
     import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t) / world
+    return float(t)
+
+
+def global_mean(value: float, world: int) -> float:
+    """The mean of ``value`` over the ranks (every rank gets it)."""
+    return global_sum(value, world) / world if world > 1 else value
 
 
 def barrier(world: int) -> None:

@@ -39,7 +39,7 @@ from ..families.base import cond_stack
 from ..lora.layer import LoRAWeight, add_lora_, lora_layers, lora_parameters
 from .adapters import checkpoint_blocks_, init_weights, target_layers
 from .data import Cache, Item, bucket_for, buckets
-from .dist import barrier
+from .dist import barrier, global_sum
 from .full import step_generator
 
 STATE_FILE = "train_state.safetensors"
@@ -232,12 +232,7 @@ class LoRATrainer:
             loss = self.loss_at(self.step * cfg.grad_accum + a) / cfg.grad_accum
             loss.backward()
             total += loss.item()
-        if self.world > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor([total], dtype=torch.float64)
-            dist.all_reduce(t)
-            total = float(t)
+        total = global_sum(total, self.world)  # each rank's share of the global batch's mean
         if not math.isfinite(total):
             raise NonFiniteError(f"the training loss became NaN/inf at step {self.step + 1}; stopped, the last "
                                  f"checkpoint in {self.out} is kept (try a lower --lr)")
