@@ -38,6 +38,11 @@ def train(
     ema: float = typer.Option(0.0, "--ema", help="EMA decay of the LoRA weights, e.g. 0.99 (0: none); samples and "
                                                 "the final LoRA use the EMA"),
     caption_dropout: float = typer.Option(0.05, "--caption-dropout"),
+    preserve: str = typer.Option("", "--preserve", help="LoRA output preservation: WORD=STAND-IN[|STAND-IN...] pairs, "
+                                                      "comma-separated (e.g. magenta=red|blue,star=circle); the "
+                                                      "LoRA is held to the base model on captions with the words "
+                                                      "replaced"),
+    preserve_weight: float = typer.Option(1.0, "--preserve-weight", help="weight of the preservation loss"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="distilled models: guidance during training "
                                                                       "(default 1.0)"),
     quant: Optional[str] = typer.Option(None, "--quant", help="quantize the frozen base first: one format (int8, fp8, "
@@ -63,7 +68,8 @@ def train(
 
         lora_only = {"--data": data is not None, "--alpha": alpha is not None, "--quant": quant is not None,
                      "--guidance": guidance is not None, "--grad-accum": grad_accum != 1, "--rank": rank != 16,
-                     "--ema": ema != 0.0, "--shift": shift != "3.0"}
+                     "--ema": ema != 0.0, "--shift": shift != "3.0", "--preserve": bool(preserve),
+                     "--preserve-weight": preserve_weight != 1.0}
         lora_only.update({"--sample-every": sample_every != 0, "--sample-prompt": bool(sample_prompt)})
         used = [k for k, v in lora_only.items() if v]
         if used:
@@ -77,7 +83,7 @@ def train(
              shift=shift, ema=ema, caption_dropout=caption_dropout, guidance=guidance, quant=quant,
              gradient_checkpointing=gradient_checkpointing, fmt=fmt, seed=seed, resume=resume,
              checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram, sample_every=sample_every,
-             sample_prompts=sample_prompt or [])
+             sample_prompts=sample_prompt or [], preserve=preserve, preserve_weight=preserve_weight)
 
 
 def _memory(device) -> str:
@@ -95,7 +101,8 @@ def _memory(device) -> str:
 
 def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batch, grad_accum, warmup, resolution,
              timestep, logit_mean, logit_std, shift, caption_dropout, ema, guidance, quant, gradient_checkpointing, fmt,
-             seed, resume, checkpoint_every, device, offload, vram, sample_every=0, sample_prompts=()) -> None:
+             seed, resume, checkpoint_every, device, offload, vram, sample_every=0, sample_prompts=(), preserve="",
+             preserve_weight=1.0) -> None:
     import time
 
     from .. import options
@@ -135,6 +142,7 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     options.integer(sample_every, "--sample-every", low=0)
     options.number(lr, "--lr", low=0, low_open=True, high=1)
     options.number(caption_dropout, "--caption-dropout", low=0, high=1)
+    options.number(preserve_weight, "--preserve-weight", low=0, low_open=True)
     if shift != "auto":
         try:
             shift = float(shift)
@@ -143,7 +151,8 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     cfg = LoRAConfig(steps=steps, rank=rank, alpha=alpha, targets=targets, lr=lr, batch=batch, grad_accum=grad_accum,
                      warmup=warmup, resolution=resolution, timestep=timestep, logit_mean=logit_mean,
                      logit_std=logit_std, shift=shift, caption_dropout=caption_dropout, guidance=guidance, ema=ema,
-                     gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every)
+                     gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
+                     preserve=preserve, preserve_weight=preserve_weight)
     cfg.check()
     output = output.expanduser()
     if output.exists() and not output.is_dir():
@@ -186,7 +195,8 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
                     log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.log[:-1]), encoding="utf-8")
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
-                board.scalars(row["step"], {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm")})
+                board.scalars(row["step"], {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "preserve")
+                                            if k in row})
                 if sample_every and row["step"] % sample_every == 0:
                     path = trainer.sample(prompts, output / "samples" / f"step-{row['step']:06d}.png")
                     with Image.open(path) as im:

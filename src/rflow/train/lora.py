@@ -41,6 +41,7 @@ from .adapters import checkpoint_blocks_, init_weights, target_layers
 from .data import Cache, Item, bucket_for, buckets
 from .dist import barrier, global_sum
 from .full import step_generator
+from .preserve import Preservation, adapter_off, parse_preserve
 
 STATE_FILE = "train_state.safetensors"
 LORA_FILE = "lora.safetensors"
@@ -74,6 +75,8 @@ class LoRAConfig:
     seed: int = 0
     checkpoint_every: int = 250
     ema: float = 0.0  # EMA decay of the adapters (0: none)
+    preserve: str = ""  # output preservation: "word=stand-in|stand-in,..." (see .preserve); "" for none
+    preserve_weight: float = 1.0
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -98,6 +101,9 @@ class LoRAConfig:
             raise UserError("the logit-normal std must be positive")
         if not 0 <= self.ema < 1:
             raise UserError(f"--ema {self.ema}: an EMA decay in [0, 1) (0: no EMA), e.g. 0.99")
+        if not 0 < self.preserve_weight < math.inf:
+            raise UserError(f"--preserve-weight {self.preserve_weight}: a positive number")
+        parse_preserve(self.preserve)
 
 
 def sample_t(cfg: LoRAConfig, n: int, g: torch.Generator, auto_shift: float = 1.0) -> torch.Tensor:
@@ -144,7 +150,10 @@ class LoRATrainer:
             self.guidance = None
         settings = f"{getattr(pipe, 'model_hash', '') or pipe.name}|{pipe.max_sequence_length}"
         self.cache = Cache(pipe, self.out / "cache", settings, write=rank == 0)
+        words = parse_preserve(cfg.preserve)
+        self.preservation = Preservation(words) if words else None
         self.step, self.log = 0, []
+        self._preserve_total = 0.0
 
     def _param_names(self) -> list[str]:
         out = []
@@ -202,11 +211,29 @@ class LoRATrainer:
         tb = t.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - tb) * x0 + tb * noise
         denoiser = pipe.denoiser
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            v = denoiser(xt, t, cond.to(dev))
-        err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
-        # mean over the global batch: every rank's sum over the global count
-        return (err * denoiser.loss_weight(t, cfg.x0_weight_floor)).sum() / n
+        weight = denoiser.loss_weight(t, cfg.x0_weight_floor)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+        if self.preservation is None:
+            with autocast:
+                v = denoiser(xt, t, cond.to(dev))
+            err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
+            # mean over the global batch: every rank's sum over the global count
+            return (err * weight).sum() / n
+        choice = self.preservation.draw(n, g)  # for the global batch, after every other draw
+        keep = cond_stack([self.cache.cond(self.preservation.prompt(self.items[full[j]].caption, choice[j]))
+                           for j in share])
+        if self.guidance is not None:
+            keep = dataclasses.replace(keep, guidance=torch.full((len(share),), self.guidance))
+        keep = keep.to(dev)
+        with torch.no_grad(), adapter_off(self.model, NAME), autocast:
+            v_base = denoiser(xt, t, keep).float()
+        with autocast:  # one pass over the captions and their preservation prompts
+            v, v_keep = denoiser(torch.cat([xt, xt]), torch.cat([t, t]), cond_stack([cond.to(dev), keep])).float().chunk(2)
+        err = (v - (noise - x0)).pow(2).flatten(1).mean(1)
+        drift = (v_keep - v_base).pow(2).flatten(1).mean(1)
+        kept = (drift * weight).sum() / n
+        self._preserve_total += float(kept.detach()) * cfg.preserve_weight
+        return (err * weight).sum() / n + cfg.preserve_weight * kept
 
     def shift_factor(self, bucket: tuple[int, int]) -> float:
         """The model's own timestep shift at ``bucket`` (width, height): what ``--shift auto`` uses."""
@@ -227,7 +254,7 @@ class LoRATrainer:
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total, self._preserve_total = 0.0, 0.0
         for a in range(cfg.grad_accum):
             loss = self.loss_at(self.step * cfg.grad_accum + a) / cfg.grad_accum
             loss.backward()
@@ -249,6 +276,8 @@ class LoRATrainer:
                     e.lerp_(p.detach(), 1 - d)
         self.step += 1
         row = {"step": self.step, "loss": total, "lr": cfg.lr_at(self.step - 1), "grad_norm": float(gnorm)}
+        if self.preservation is not None:  # the preservation term's part of the loss
+            row["preserve"] = global_sum(self._preserve_total / cfg.grad_accum, self.world)
         self.log.append(row)
         return row
 
@@ -392,7 +421,9 @@ class LoRATrainer:
             self.load_state(state)
         elif state.exists():
             raise UserError(f"{state} exists: pass --resume to continue it, or choose another output folder")
-        self.cache.warm(self.items, self.item_buckets, [it.caption for it in self.items] + [""] + list(sample_prompts))
+        captions = [it.caption for it in self.items]
+        kept = self.preservation.all_prompts(captions) if self.preservation is not None else []
+        self.cache.warm(self.items, self.item_buckets, captions + [""] + kept + list(sample_prompts))
         if unload_text_encoders:
             self.unload_text_encoders()
         stop = min(self.cfg.steps, until) if until is not None else self.cfg.steps

@@ -27,8 +27,9 @@ def read_meta(f, path: Path, key: str, version: int, what: str) -> dict:
 
 def check_settings(path: Path, saved: dict, cfg) -> None:
     """A resumed run must have the settings (dataclass ``cfg``) it was saved with, but for :data:`RESUMABLE`."""
-    saved = {k: v for k, v in saved.items() if k not in RESUMABLE}
     now = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RESUMABLE}
+    defaults = json.loads(json.dumps(asdict(type(cfg)())))  # a setting newer than the state: its default
+    saved = {k: saved.get(k, defaults.get(k)) for k in set(saved) | set(now) if k not in RESUMABLE}
     if saved != now:
         diff = sorted(k for k in now if saved.get(k) != now[k])
         raise UserError(f"{path}: resuming needs the same settings (differs: {', '.join(diff)})")
