@@ -49,3 +49,17 @@ def test_corruption_detected(tmp_path):
     path.write_bytes(bytes(raw[:-3]))
     with pytest.raises(ValueError, match="truncated"):
         read_events(path)
+
+
+def test_writers_in_one_second_get_their_own_files(tmp_path, monkeypatch):
+    import rflow.train.tensorboard as tb
+
+    monkeypatch.setattr(tb.time, "time", lambda: 1_700_000_000.25)  # both writers open in the same second
+    with EventWriter(tmp_path) as w:
+        w.scalars(1, {"loss": 1.0})
+    with EventWriter(tmp_path) as w:
+        w.scalars(2, {"loss": 2.0})
+    paths = sorted(tmp_path.iterdir())
+    assert len(paths) == 2
+    steps = sorted([e["step"] for e in read_events(p) if e["scalars"]] for p in paths)
+    assert steps == [[1], [2]]

@@ -88,9 +88,16 @@ class EventWriter:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.rflow"
-        self.path = self.folder / name
-        self._f = open(self.path, "ab")
+        stem = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        for n in range(10_000):  # a writer opened in the same second by the same process gets its own file
+            self.path = self.folder / (f"{stem}.rflow" if n == 0 else f"{stem}.{n}.rflow")
+            try:
+                self._f = open(self.path, "xb")
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free event file name in {self.folder}")
         self._write(_event(0, file_version="brain.Event:2"))
         self.flush()
 
