@@ -41,7 +41,9 @@ def reserved_scenes(n: int, seed: int):
     return out
 
 
+PRESERVE = "magenta=red|green|blue|yellow|orange|cyan,star=circle|square|triangle"  # the base words stand in
 DATASETS = {"curated": "chosen to cover every colour, size, position and background with the new words",
+            "balanced": "as curated, with 40% two-object scenes holding the new words on the left or the right",
             "random": "the first random scenes of the full grammar that hold them"}
 
 
@@ -64,14 +66,38 @@ def curated_scenes(n: int):
     return scenes
 
 
-def write_dataset(folder: Path, n: int, seed: int, *, curated: bool = False, prior: int = 0) -> list[str]:
-    """``n`` captioned images: ``n - prior`` with the reserved words (curated, or the first random ``any``
+def balanced_scenes(n: int, two: float = 0.4, star: float = 0.6):
+    """``n`` scenes: ``two`` of them two-object scenes (a star, a magenta object or a magenta star, on the
+    left or the right beside a base object), of the one-object rest ``star`` single stars (every colour incl.
+    magenta, both sizes, every position, both backgrounds) and the others magenta circles / squares / triangles."""
+    from rflow.world.shapes import BACKGROUNDS, COLOURS, POSITIONS, SIZES, Obj, Scene
+
+    cols, sizes, pos, bgs = list(COLOURS) + ["magenta"], list(SIZES), list(POSITIONS), list(BACKGROUNDS)
+    others = ("circle", "square", "triangle")
+    n2 = round(n * two)
+    ns = round((n - n2) * star)
+    nm = n - n2 - ns
+    scenes = [Scene(bgs[i % 2], (Obj(cols[i % 7], "star", sizes[(i // 2) % 2], pos[i % 5]),)) for i in range(ns)]
+    scenes += [Scene(bgs[(i + 1) % 2], (Obj("magenta", others[i % 3], sizes[(i // 3) % 2], pos[(i + 2) % 5]),))
+               for i in range(nm)]
+    for i in range(n2):
+        new = (Obj(cols[i % 6], "star"), Obj("magenta", others[i % 3]), Obj("magenta", "star"))[i % 3]
+        base = Obj(cols[(i + 3) % 6], others[(i + 1) % 3])
+        left, right = (new, base) if (i // 3) % 2 == 0 else (base, new)
+        scenes.append(Scene(bgs[i % 2], (Obj(left.colour, left.shape, "small", "on the left"),
+                                         Obj(right.colour, right.shape, "small", "on the right"))))
+    return scenes
+
+
+def write_dataset(folder: Path, n: int, seed: int, *, curated: str = "", prior: int = 0) -> list[str]:
+    """``n`` captioned images: ``n - prior`` with the reserved words (``curated``: "curated" or "balanced"
+    scenes; "": the first random ``any``
     scenes holding them) and ``prior`` base-grammar scenes (prior preservation). Returns the reserved captions."""
     from rflow.world import shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     k = n - prior
-    scenes = curated_scenes(k) if curated else reserved_scenes(k, seed)
+    scenes = {"curated": curated_scenes, "balanced": balanced_scenes}[curated](k) if curated else reserved_scenes(k, seed)
     rng, caps = np.random.default_rng(3 if curated else seed + 1), []
     for i, sc in enumerate(scenes):
         shapes.render(sc, rng).save(folder / f"{i:03d}.png")
@@ -111,13 +137,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--images", type=int, default=50, help="training images in all (reserved + prior)")
-    ap.add_argument("--dataset", choices=("curated", "random"), default="curated")
+    ap.add_argument("--dataset", choices=tuple(DATASETS), default="balanced")
     ap.add_argument("--prior", type=int, default=12, help="of the images, base-grammar scenes (prior preservation)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--targets", default="attn,mlp")
     ap.add_argument("--guidance", type=float, default=3.5, help="training and sampling guidance")
+    ap.add_argument("--preserve", default=PRESERVE, help="output preservation spec ('' for none)")
+    ap.add_argument("--preserve-weight", type=float, default=1.0)
     ap.add_argument("--eval", type=int, default=48, help="prompts per set")
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=DOCS / "training.md")
@@ -138,10 +166,12 @@ def main(argv=None) -> int:
     b0, bacc0, _ = score(pipe, base, args)
     print(f"before: reserved {r0:.3f} ({racc0['reserved_words']:.3f} words) base {b0:.3f}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="rflow-lora-"))
-    caps = write_dataset(work / "data", args.images, seed=11, curated=args.dataset == "curated", prior=args.prior)
+    caps = write_dataset(work / "data", args.images, seed=11, curated="" if args.dataset == "random" else args.dataset,
+                         prior=args.prior)
     cfg = LoRAConfig(steps=args.steps, rank=args.rank, lr=args.lr, batch=args.batch, targets=args.targets,
                      warmup=min(50, args.steps // 10), resolution=64, logit_mean=1.0, logit_std=1.2,
-                     caption_dropout=0.1, guidance=args.guidance, checkpoint_every=max(1, args.steps))
+                     caption_dropout=0.1, guidance=args.guidance, checkpoint_every=max(1, args.steps),
+                     preserve=args.preserve, preserve_weight=args.preserve_weight)
     trainer = LoRATrainer(pipe, cfg, read_dataset(work / "data"), work / "run")
     t1 = time.perf_counter()
     trainer.run(progress=lambda r: print(f"step {r['step']} loss {r['loss']:.4f}", file=sys.stderr)
@@ -186,7 +216,12 @@ def main(argv=None) -> int:
     (DOCS / "training-results.json").write_text(json.dumps(results, indent=1))
     cmd = (f"rflow train --model rflow-tiny --data DATA --steps {args.steps} --rank {args.rank} --lr {args.lr} "
            f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean 1.0 --logit-std 1.2 "
-           f"--caption-dropout 0.1 --guidance {args.guidance} --warmup {cfg.warmup} -o RUN")
+           f"--caption-dropout 0.1 --guidance {args.guidance} --warmup {cfg.warmup}"
+           + (f" --preserve '{args.preserve}' --preserve-weight {args.preserve_weight:g}" if args.preserve else "")
+           + " -o RUN")
+    keep_text = (f", with output preservation (`--preserve`, weight {args.preserve_weight:g}: each caption again "
+                 "with magenta and star swapped for base colours and shapes, held to the base model's prediction)"
+                 if args.preserve else "")
     prior_text = (f" and {args.prior} base-grammar scenes (prior preservation; {args.images} images in all)"
                   if args.prior else "")
     acc = "\n".join(f"| {a} | {racc0[a]:.3f} | {racc1[a]:.3f} |" for a in racc0)
@@ -194,7 +229,7 @@ def main(argv=None) -> int:
 
 rflow-tiny's base training never shows the colour `magenta` or the shape `star` (the shapes world keeps
 them for this experiment). {len(caps)} rendered scenes that contain one or both ({args.dataset}: {DATASETS[args.dataset]}){prior_text},
-with their captions, teach them through a LoRA (rank {args.rank}, targets `{args.targets}`); adherence is scored by the shapes-world
+with their captions, teach them through a LoRA (rank {args.rank}, targets `{args.targets}`){keep_text}; adherence is scored by the shapes-world
 evaluator on {len(reserved)} prompts with the reserved words and {len(base)} base-grammar prompts,
 {args.eval_steps} Euler steps, guidance {args.guidance}, seed 0. Adherence is the evaluator's share of
 right judgements per image (background, count, colour, shape, size, position), so a model that draws a
