@@ -89,16 +89,16 @@ def balanced_scenes(n: int, two: float = 0.4, star: float = 0.6):
     return scenes
 
 
-def write_dataset(folder: Path, n: int, seed: int, *, curated: str = "", prior: int = 0) -> list[str]:
-    """``n`` captioned images: ``n - prior`` with the reserved words (``curated``: "curated" or "balanced"
-    scenes; "": the first random ``any``
-    scenes holding them) and ``prior`` base-grammar scenes (prior preservation). Returns the reserved captions."""
+def write_dataset(folder: Path, n: int, seed: int, *, dataset: str = "random", prior: int = 0) -> list[str]:
+    """``n`` captioned images: ``n - prior`` with the reserved words (``dataset``: one of ``DATASETS``) and
+    ``prior`` base-grammar scenes (prior preservation). Returns the reserved captions."""
     from rflow.world import shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     k = n - prior
-    scenes = {"curated": curated_scenes, "balanced": balanced_scenes}[curated](k) if curated else reserved_scenes(k, seed)
-    rng, caps = np.random.default_rng(3 if curated else seed + 1), []
+    scenes = reserved_scenes(k, seed) if dataset == "random" else {"curated": curated_scenes,
+                                                                    "balanced": balanced_scenes}[dataset](k)
+    rng, caps = np.random.default_rng(seed + 1 if dataset == "random" else 3), []
     for i, sc in enumerate(scenes):
         shapes.render(sc, rng).save(folder / f"{i:03d}.png")
         cap = shapes.caption(sc)
@@ -166,8 +166,7 @@ def main(argv=None) -> int:
     b0, bacc0, _ = score(pipe, base, args)
     print(f"before: reserved {r0:.3f} ({racc0['reserved_words']:.3f} words) base {b0:.3f}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="rflow-lora-"))
-    caps = write_dataset(work / "data", args.images, seed=11, curated="" if args.dataset == "random" else args.dataset,
-                         prior=args.prior)
+    caps = write_dataset(work / "data", args.images, seed=11, dataset=args.dataset, prior=args.prior)
     cfg = LoRAConfig(steps=args.steps, rank=args.rank, lr=args.lr, batch=args.batch, targets=args.targets,
                      warmup=min(50, args.steps // 10), resolution=64, logit_mean=1.0, logit_std=1.2,
                      caption_dropout=0.1, guidance=args.guidance, checkpoint_every=max(1, args.steps),
