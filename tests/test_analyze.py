@@ -180,10 +180,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("attempt", range(3))  # the process group once aborted at exit 1 run in 5
-def test_two_processes_equal_one(model_dir, pipe, tmp_path, attempt):
+EXIT_THREADS = os.path.join(os.path.dirname(__file__), "rflow_exit_threads.py")  # rflow ARGS, then the live group threads
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc")
+def test_two_processes_equal_one(model_dir, pipe, tmp_path):
     """`rflow analyze` under torchrun's environment (2 ranks, gloo) writes exactly the single-process result,
-    and every rank leaves the process group cleanly."""
+    and every rank frees its process group before the interpreter shuts down: a group left to interpreter
+    shutdown (kept alive by torch.distributed.nn's defaults when imported after the group started) aborted
+    now and then with "terminate called without an active exception"."""
     out = tmp_path / "dist.safetensors"
     port = _free_port()
     procs = []
@@ -191,7 +196,7 @@ def test_two_processes_equal_one(model_dir, pipe, tmp_path, attempt):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "rflow.cli", "analyze", "--model", str(model_dir), "--shapes", "2", "--steps", "2",
+            [sys.executable, EXIT_THREADS, "analyze", "--model", str(model_dir), "--shapes", "2", "--steps", "2",
              "--device", "cpu", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         results = [p.communicate(timeout=90) for p in procs]
@@ -202,6 +207,7 @@ def test_two_processes_equal_one(model_dir, pipe, tmp_path, attempt):
     for p, (o, e) in zip(procs, results):
         assert p.returncode == 0, e[-3000:]
         assert "terminate called" not in e and "Traceback" not in e, e[-3000:]
+        assert "group threads at exit: []" in e, e[-3000:]
     assert str(out) in results[0][0] and not results[1][0].strip()  # rank 0 alone writes and reports
 
     threads = torch.get_num_threads()

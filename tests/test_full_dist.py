@@ -77,9 +77,11 @@ def test_torchrun_full_cli_rank0_writes(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rflow", "train", "--full", "-o", str(run), "--steps", "2", "--batch", "2", "--checkpoint-every", "1"]
+           str(Path(__file__).with_name("rflow_exit_threads.py")), "train", "--full", "-o", str(run), "--steps", "2", "--batch", "2", "--checkpoint-every", "1"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
+    if os.path.isdir("/proc/self/task"):  # both ranks freed their process group before shutdown
+        assert p.stderr.count("group threads at exit: []") == 2, p.stderr[-3000:]
     assert p.stdout.count(str(run / "model")) == 1  # one rank reports the result
     assert (run / "model" / "transformer.safetensors").is_file() and (run / "train_state.safetensors").is_file()
     boards = list((run / "tensorboard").iterdir())

@@ -343,3 +343,24 @@ def test_two_gloo_processes_equal_one(data, tmp_path):
     log1 = json.loads(read_meta(tmp_path / "one" / "train_state.safetensors"))["log"]
     log2 = json.loads(read_meta(tmp_path / "two" / "train_state.safetensors"))["log"]
     assert np.allclose([r["loss"] for r in log1], [r["loss"] for r in log2], rtol=1e-5)
+
+
+@pytest.mark.slow  # torchrun starts two fresh rflow processes
+def test_torchrun_cli_rank0_writes(tiny_dir, data, tmp_path):
+    """`torchrun … rflow train` (LoRA): the ranks train one adapter, rank 0 alone exports and reports it,
+    and both free their process group before the interpreter shuts down."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("rflow_exit_threads.py")), "train", "--model", str(tiny_dir), "--data", str(data),
+           "--steps", "2", "--rank", "2", "--resolution", "32", "--batch", "2", "--lr", "1e-2", "-o", str(run)]
+    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    if os.path.isdir("/proc/self/task"):
+        assert p.stderr.count("group threads at exit: []") == 2, p.stderr[-3000:]
+    assert p.stdout.count(str(run / "lora.safetensors")) == 1  # one rank reports the result
+    assert {e.down.shape[0] for e in read_lora(run / "lora.safetensors").entries} == {2}
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]

@@ -10,7 +10,6 @@ of the workload, and rank 0 writes the merged file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -26,33 +25,6 @@ stats_app = typer.Typer(no_args_is_help=True, help="Activation statistics files:
 def register(app) -> None:
     app.command("analyze")(analyze_command)
     app.add_typer(stats_app, name="stats")
-
-
-def _init_distributed(device):
-    """(rank, world, whether we created the process group, device) from torchrun's environment."""
-    import torch
-    import torch.distributed as dist
-
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be integers") from None
-    if world <= 1:
-        return 0, 1, False, device
-    if not dist.is_available():
-        raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
-    if use_cuda:
-        if device is None or device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created, device
 
 
 def analyze_command(
@@ -76,7 +48,7 @@ def analyze_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16"),
 ):
     """Count how often each MLP unit fires (activation > 0) while the model samples a workload."""
-    from .. import options
+    from .. import distributed, options
     from ..compress.stats import ActivationStats
     from ..compress.units import check_streams_spec, select_units
     from ..compress.workload import make_workload, parse_sizes, parse_steps
@@ -110,7 +82,7 @@ def analyze_command(
     dev = options.device(device) if device is not None else None
     dt = parse_dtype(dtype) if dtype is not None else None
 
-    rank, world, created, dev = _init_distributed(dev)
+    rank, world, created, dev = distributed.start(dev)
     try:
         pipe = load(resolve_model(model), text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
         cfg_m = pipe.transformer.config
@@ -132,22 +104,7 @@ def analyze_command(
                           highlight=False, soft_wrap=True)
             print(output)
     finally:
-        if created:
-            _teardown_distributed()
-
-
-def _teardown_distributed() -> None:
-    """Leave the process group on every rank: wait for the others (so no rank exits while a peer still
-    talks to it), then destroy the group; a failing barrier (a peer already gone) is not an error."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    try:
-        dist.barrier()
-    except Exception:  # noqa: BLE001 - a peer that failed first; destroying the group is all that is left
-        pass
-    dist.destroy_process_group()
+        distributed.end(created)
 
 
 def _run(pipe, workload, units, guidance, cfg, existing, rank, world):

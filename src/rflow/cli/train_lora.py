@@ -105,13 +105,12 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
              preserve_weight=1.0) -> None:
     import time
 
-    from .. import options
+    from .. import distributed, options
     from ..lora.write import FORMATS
     from ..outputs import check_output
     from ..runtime.offload import check_options
     from ..train.data import read_dataset
     from ..train.lora import STATE_FILE, LoRAConfig, LoRATrainer
-    from ..train.dist import close_world, init_world
     from ..train.tensorboard import EventWriter
     from PIL import Image
 
@@ -168,48 +167,50 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     from ..pipeline import load
 
     dev = options.device(device) if device is not None else None
-    pipe = load(resolve_model(model), device=dev, dtype="fp32" if (dev is None or dev.type == "cpu") else None,
-                offload=offload, vram=vram)
-    if quant is not None:
-        from ..quant.api import quantize_
+    rank_id, world, started, dev = distributed.start(dev)  # each rank on its own GPU
+    try:
+        pipe = load(resolve_model(model), device=dev, dtype="fp32" if (dev is None or dev.type == "cpu") else None,
+                    offload=offload, vram=vram)
+        if quant is not None:
+            from ..quant.api import quantize_
 
-        quantize_(pipe.transformer, quant)
-    if sample_prompts:
-        pipe.check_prompts(list(sample_prompts))
-    rank_id, world = init_world()
-    trainer = LoRATrainer(pipe, cfg, items, output, rank=rank_id, world=world)
-    prompts = list(sample_prompts) or list(dict.fromkeys(it.caption for it in items))[:4]
-    t0 = time.perf_counter()
-    log_path = output / "log.jsonl"
-    first: list[int] = []
-    board = EventWriter(output / "tensorboard") if rank_id == 0 else None
-    with progress("training LoRA", cfg.steps) as update:
-        def on_step(row):
-            first.append(first[0] if first else row["step"] - 1)
-            recent = [r["loss"] for r in trainer.log[-50:]]
-            its = (row["step"] - first[0]) / max(1e-9, time.perf_counter() - t0)
-            update(row["step"], description=f"training LoRA (loss {sum(recent) / len(recent):.4f}, {its:.2f} it/s, "
-                                            f"{_memory(pipe.device)})")
-            if rank_id == 0:
-                if len(first) == 1:  # the log as of the checkpoint (a killed run may have logged past it)
-                    log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.log[:-1]), encoding="utf-8")
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                board.scalars(row["step"], {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "preserve")
-                                            if k in row})
-                if sample_every and row["step"] % sample_every == 0:
-                    path = trainer.sample(prompts, output / "samples" / f"step-{row['step']:06d}.png")
-                    with Image.open(path) as im:
-                        board.image("samples", im, row["step"])
-                board.flush()
+            quantize_(pipe.transformer, quant)
+        if sample_prompts:
+            pipe.check_prompts(list(sample_prompts))
+        trainer = LoRATrainer(pipe, cfg, items, output, rank=rank_id, world=world)
+        prompts = list(sample_prompts) or list(dict.fromkeys(it.caption for it in items))[:4]
+        t0 = time.perf_counter()
+        log_path = output / "log.jsonl"
+        first: list[int] = []
+        board = EventWriter(output / "tensorboard") if rank_id == 0 else None
+        with progress("training LoRA", cfg.steps) as update:
+            def on_step(row):
+                first.append(first[0] if first else row["step"] - 1)
+                recent = [r["loss"] for r in trainer.log[-50:]]
+                its = (row["step"] - first[0]) / max(1e-9, time.perf_counter() - t0)
+                update(row["step"], description=f"training LoRA (loss {sum(recent) / len(recent):.4f}, {its:.2f} it/s, "
+                                                f"{_memory(pipe.device)})")
+                if rank_id == 0:
+                    if len(first) == 1:  # the log as of the checkpoint (a killed run may have logged past it)
+                        log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.log[:-1]), encoding="utf-8")
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                    board.scalars(row["step"], {f"train/{k}": row[k] for k in ("loss", "lr", "grad_norm", "preserve")
+                                                if k in row})
+                    if sample_every and row["step"] % sample_every == 0:
+                        path = trainer.sample(prompts, output / "samples" / f"step-{row['step']:06d}.png")
+                        with Image.open(path) as im:
+                            board.image("samples", im, row["step"])
+                    board.flush()
 
-        # every caption and sample prompt is cached first: the text encoders are not needed after that
-        try:
-            result = trainer.run(resume=resume, progress=on_step, sample_prompts=prompts, unload_text_encoders=True)
-        finally:
-            if board is not None:
-                board.close()
-    close_world(world)
+            # every caption and sample prompt is cached first: the text encoders are not needed after that
+            try:
+                result = trainer.run(resume=resume, progress=on_step, sample_prompts=prompts, unload_text_encoders=True)
+            finally:
+                if board is not None:
+                    board.close()
+    finally:
+        distributed.end(started)
     if rank_id == 0:
         path = trainer.export(fmt)
         console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {time.perf_counter() - t0:.0f} s",

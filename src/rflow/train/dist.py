@@ -1,5 +1,5 @@
-"""Data-parallel training under ``torchrun``: the process group, FSDP2 sharding for full training, and
-the full tensors behind shards (what rank 0 writes to checkpoints and exports).
+"""Data-parallel training under ``torchrun``: FSDP2 sharding for full training, and the full tensors
+behind shards (what rank 0 writes to checkpoints and exports). The group itself: :mod:`rflow.distributed`.
 
 LoRA training keeps every adapter on every rank and all-reduces their gradients (DDP's rule, done by
 hand in :mod:`.lora`); full training shards the weights, gradients and AdamW moments over the ranks
@@ -8,32 +8,9 @@ with FSDP2's ``fully_shard`` (each repeated block, then the whole model), which 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import UserError
-
-
-def init_world() -> tuple[int, int]:
-    """(rank, world size) under torchrun, with the process group started (NCCL on CUDA machines, gloo
-    otherwise); (0, 1) for a plain run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def close_world(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def shard_(model: torch.nn.Module, blocks: list[str], world: int, device: torch.device) -> None:
