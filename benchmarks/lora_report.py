@@ -144,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--targets", default="attn,mlp")
     ap.add_argument("--guidance", type=float, default=3.5, help="training and sampling guidance")
+    ap.add_argument("--logit-mean", type=float, default=1.0, help="timesteps t = sigmoid(N(mean, std))")
+    ap.add_argument("--logit-std", type=float, default=1.2)
+    ap.add_argument("--x0-floor", type=float, default=1.0,
+                    help="x0-error weight floor (1: plain x0 error; lower weighs nearly clean samples up)")
     ap.add_argument("--preserve", default=PRESERVE, help="output preservation spec ('' for none)")
     ap.add_argument("--preserve-weight", type=float, default=1.0)
     ap.add_argument("--eval", type=int, default=48, help="prompts per set")
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="rflow-lora-"))
     caps = write_dataset(work / "data", args.images, seed=11, dataset=args.dataset, prior=args.prior)
     cfg = LoRAConfig(steps=args.steps, rank=args.rank, lr=args.lr, batch=args.batch, targets=args.targets,
-                     warmup=min(50, args.steps // 10), resolution=64, logit_mean=1.0, logit_std=1.2,
+                     warmup=min(50, args.steps // 10), resolution=64, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                     x0_weight_floor=args.x0_floor,
                      caption_dropout=0.1, guidance=args.guidance, checkpoint_every=max(1, args.steps),
                      preserve=args.preserve, preserve_weight=args.preserve_weight)
     trainer = LoRATrainer(pipe, cfg, read_dataset(work / "data"), work / "run")
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
     ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=f"mean of {k}")
     ax.set_xlabel("step"), ax.set_ylabel("flow-matching loss"), ax.legend()
     fig.tight_layout()
-    fig.savefig(DOCS / "training-lora-loss.png", dpi=110)
+    fig.savefig(args.out.with_name(f"{args.out.stem}-lora-loss.png"), dpi=110)
     n = min(16, len(reserved))
     g0 = shapes.grid(rimg0[:n], reserved[:n], cols=8)
     g1 = shapes.grid(rimg1[:n], reserved[:n], cols=8)
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
 
     both = Image.new("RGB", (max(g0.width, g1.width), g0.height + g1.height + 8), "white")
     both.paste(g0, (0, 0)), both.paste(g1, (0, g0.height + 8))
-    both.save(DOCS / "training-lora-grid.png")
+    both.save(args.out.with_name(f"{args.out.stem}-lora-grid.png"))
 
     w0, w1 = racc0["reserved_words"], racc1["reserved_words"]
     ok_w, ok_r, ok_b = w1 >= 0.8, r1 >= 0.8, (b0 - b1) <= 0.03
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
                "images": args.images, "reserved_images": len(caps), "reserved_before": r0, "reserved_after": r1, "base_before": b0,
                "base_after": b1, "reserved_words_before": w0, "reserved_words_after": w1, "reserved_accuracy_before": racc0, "reserved_accuracy_after": racc1,
                "train_seconds": train_s, "total_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
-    (DOCS / "training-results.json").write_text(json.dumps(results, indent=1))
+    args.out.with_name(f"{args.out.stem}-results.json").write_text(json.dumps(results, indent=1))
     cmd = (f"rflow train --model rflow-tiny --data DATA --steps {args.steps} --rank {args.rank} --lr {args.lr} "
            f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean 1.0 --logit-std 1.2 "
            f"--caption-dropout 0.1 --guidance {args.guidance} --warmup {cfg.warmup}"
@@ -247,11 +252,11 @@ Per attribute, reserved prompts:
 |---|---|---|
 {acc}
 
-![loss](training-lora-loss.png)
+![loss]({args.out.stem}-lora-loss.png)
 
 Reserved prompts before (top) and after (bottom) the LoRA:
 
-![grid](training-lora-grid.png)
+![grid]({args.out.stem}-lora-grid.png)
 
 Command (the script, `benchmarks/lora_report.py`, calls the same trainer as):
 
@@ -259,7 +264,7 @@ Command (the script, `benchmarks/lora_report.py`, calls the same trainer as):
 
 Training: {args.steps} steps of batch {args.batch} in {train_s:.0f} s; final loss {results['final_loss']:.4f}.
 Run {results['date']} on {results['device']}, torch {results['torch']}; numbers in
-`docs/training-results.json`. LoRA written as `{lora.name}` (PEFT/diffusers format).
+`docs/{args.out.stem}-results.json`. LoRA written as `{lora.name}` (PEFT/diffusers format).
 
 Guidance: rflow-tiny learnt its guidance embedding over 1–5 as an input, not by distillation, so the LoRA
 trains at the guidance it is sampled with; for distilled models (FLUX.1-dev) `rflow train` uses 1.0.
