@@ -14,6 +14,7 @@ group too, through DTensor's caches of its device mesh: :func:`end` empties them
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
@@ -59,9 +60,23 @@ def start(device: torch.device | None = None) -> tuple[int, int, bool, torch.dev
     return dist.get_rank(), dist.get_world_size(), True, device
 
 
-def end(started: bool = True) -> None:
+@contextlib.contextmanager
+def group(device: torch.device | None = None):
+    """``with group(device) as (rank, world, device):`` :func:`start` before the block, :func:`end` after
+    it; after a block that raised, without waiting for the other ranks (they may be in a collective this
+    rank will never join; torchrun stops them when this one exits)."""
+    rank, world, started, device = start(device)
+    try:
+        yield rank, world, device
+    except BaseException:
+        end(started, wait=False)
+        raise
+    end(started)
+
+
+def end(started: bool = True, *, wait: bool = True) -> None:
     """Leave the group this process started: wait for the other ranks (no rank leaves while a peer still
-    talks to it), then destroy it. A failing barrier (a peer already gone) is not an error here.
+    talks to it; a failing barrier, a peer already gone, is not an error here), then destroy it.
     What still holds the group (a model sharded by FSDP) must be dropped by then: end it after the
     function that trained it has returned."""
     if not started:
@@ -70,10 +85,11 @@ def end(started: bool = True) -> None:
 
     if not dist.is_initialized():
         return
-    try:
-        dist.barrier()
-    except Exception:  # noqa: BLE001 - a peer that failed first; destroying the group is all that is left
-        pass
+    if wait:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer that failed first; destroying the group is all that is left
+            pass
     dist.destroy_process_group()
     _forget_meshes()
     gc.collect()  # a model sharded by FSDP holds the group through reference cycles; free it now, not at exit

@@ -82,8 +82,7 @@ def analyze_command(
     dev = options.device(device) if device is not None else None
     dt = parse_dtype(dtype) if dtype is not None else None
 
-    rank, world, created, dev = distributed.start(dev)
-    try:
+    with distributed.group(dev) as (rank, world, dev):
         pipe = load(resolve_model(model), text_encoders=text_encoders, vae=vae, device=dev, dtype=dt)
         cfg_m = pipe.transformer.config
         if existing is not None and layers is None and streams is None:
@@ -103,8 +102,6 @@ def analyze_command(
                           f"{n:,} units; {output} now covers {result.meta.get('prompts', 0)} prompts",
                           highlight=False, soft_wrap=True)
             print(output)
-    finally:
-        distributed.end(created)
 
 
 def _run(pipe, workload, units, guidance, cfg, existing, rank, world):

@@ -40,12 +40,10 @@ def run_full(*, output: Path, model, steps: int, batch: int, lr: float, seed: in
         from ..paths import resolve_model
 
         source = resolve_model(model)
-    rank, world, started, dev = distributed.start(dev)  # each rank on its own GPU
-    try:  # the model (and FSDP's hold on the group) is gone when _train returns
+    with distributed.group(dev) as (rank, world, dev):  # each rank on its own GPU
+        # the model (and FSDP's hold on the group) is gone when _train returns
         result, path, seconds = _train(output=output, model=model, source=source, dev=dev, cfg=cfg, rank=rank,
                                        world=world, resume=resume)
-    finally:
-        distributed.end(started)
     if rank == 0:
         console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {seconds:.0f} s",
                       highlight=False)

@@ -167,8 +167,7 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     from ..pipeline import load
 
     dev = options.device(device) if device is not None else None
-    rank_id, world, started, dev = distributed.start(dev)  # each rank on its own GPU
-    try:
+    with distributed.group(dev) as (rank_id, world, dev):  # each rank on its own GPU
         pipe = load(resolve_model(model), device=dev, dtype="fp32" if (dev is None or dev.type == "cpu") else None,
                     offload=offload, vram=vram)
         if quant is not None:
@@ -209,8 +208,6 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
             finally:
                 if board is not None:
                     board.close()
-    finally:
-        distributed.end(started)
     if rank_id == 0:
         path = trainer.export(fmt)
         console.print(f"{result['step']} steps, loss {result['loss']:.4f}, {time.perf_counter() - t0:.0f} s",
