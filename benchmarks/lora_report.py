@@ -144,9 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--targets", default="attn,mlp")
     ap.add_argument("--guidance", type=float, default=3.5, help="training and sampling guidance")
-    ap.add_argument("--logit-mean", type=float, default=1.0, help="timesteps t = sigmoid(N(mean, std))")
-    ap.add_argument("--logit-std", type=float, default=1.2)
-    ap.add_argument("--x0-floor", type=float, default=1.0,
+    ap.add_argument("--logit-mean", type=float, default=0.0, help="timesteps t = sigmoid(N(mean, std))")
+    ap.add_argument("--logit-std", type=float, default=1.0)
+    ap.add_argument("--x0-floor", type=float, default=0.3,
                     help="x0-error weight floor (1: plain x0 error; lower weighs nearly clean samples up)")
     ap.add_argument("--preserve", default=PRESERVE, help="output preservation spec ('' for none)")
     ap.add_argument("--preserve-weight", type=float, default=1.0)
@@ -219,8 +219,9 @@ def main(argv=None) -> int:
                "train_seconds": train_s, "total_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
     args.out.with_name(f"{args.out.stem}-results.json").write_text(json.dumps(results, indent=1))
     cmd = (f"rflow train --model rflow-tiny --data DATA --steps {args.steps} --rank {args.rank} --lr {args.lr} "
-           f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean 1.0 --logit-std 1.2 "
+           f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean {args.logit_mean:g} --logit-std {args.logit_std:g} "
            f"--caption-dropout 0.1 --guidance {args.guidance} --warmup {cfg.warmup}"
+           + (f" --x0-weight-floor {args.x0_floor:g}" if args.x0_floor != 1.0 else "")
            + (f" --preserve '{args.preserve}' --preserve-weight {args.preserve_weight:g}" if args.preserve else "")
            + " -o RUN")
     keep_text = (f", with output preservation (`--preserve`, weight {args.preserve_weight:g}: each caption again "

@@ -289,6 +289,7 @@ def test_cli(capsys, tiny_dir, data, tmp_path):
                             (["--caption-dropout", "2"], "--caption-dropout"),
                             (["--targets", "zzz*"], "zzz"),
                             (["--quant", "q9"], "--quant"),
+                            (["--x0-weight-floor", "0"], "--x0-weight-floor"),
                             (["--full"], "--data")):
         out = tmp_path / f"bad{len(fragment)}"
         assert main(args[:-1] + [str(out)] + extra) == 2
@@ -310,6 +311,19 @@ def test_cli(capsys, tiny_dir, data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- data parallel
+
+
+def test_x0_weight_floor_weighs_nearly_clean_samples_up(data, tmp_path):
+    """rflow-tiny predicts x0: the loss is its x0 error over max(t, floor)², so a floor under 1 weighs
+    every sample with t < 1 up by (1 / max(t, floor))² against the plain x0 error; the CLI passes it on."""
+    items = read_dataset(data)
+    plain = LoRATrainer(tiny_pipe(), LoRAConfig(**CFG, steps=1), items, tmp_path / "a").loss_at(0).detach()
+    up = LoRATrainer(tiny_pipe(), LoRAConfig(**CFG, steps=1, x0_weight_floor=0.3), items, tmp_path / "b").loss_at(0).detach()
+    assert float(up) > float(plain) > 0
+    run = tmp_path / "cli"
+    assert main(["train", "--model", "rflow-tiny", "--data", str(data), "--steps", "1", "--resolution", "32",
+                 "--x0-weight-floor", "0.3", "-o", str(run)]) == 0
+    assert json.loads(read_meta(run / "train_state.safetensors"))["config"]["x0_weight_floor"] == 0.3
 
 
 def _rank_main(rank, world, init, data, out):

@@ -35,6 +35,9 @@ def train(
     logit_std: float = typer.Option(1.0, "--logit-std"),
     shift: str = typer.Option("3.0", "--shift", help="for --timestep shift: a factor, or auto (the model's "
                                                    "resolution-dependent shift per bucket)"),
+    x0_weight_floor: float = typer.Option(1.0, "--x0-weight-floor", help="models that predict x0 (rflow-tiny): the "
+                                          "loss is the x0 error weighted by 1/max(t, F)², up to 1/F² for nearly "
+                                          "clean samples; 1: the plain x0 error"),
     ema: float = typer.Option(0.0, "--ema", help="EMA decay of the LoRA weights, e.g. 0.99 (0: none); samples and "
                                                 "the final LoRA use the EMA"),
     caption_dropout: float = typer.Option(0.05, "--caption-dropout"),
@@ -69,7 +72,7 @@ def train(
         lora_only = {"--data": data is not None, "--alpha": alpha is not None, "--quant": quant is not None,
                      "--guidance": guidance is not None, "--grad-accum": grad_accum != 1, "--rank": rank != 16,
                      "--ema": ema != 0.0, "--shift": shift != "3.0", "--preserve": bool(preserve),
-                     "--preserve-weight": preserve_weight != 1.0}
+                     "--preserve-weight": preserve_weight != 1.0, "--x0-weight-floor": x0_weight_floor != 1.0}
         lora_only.update({"--sample-every": sample_every != 0, "--sample-prompt": bool(sample_prompt)})
         used = [k for k, v in lora_only.items() if v]
         if used:
@@ -83,7 +86,8 @@ def train(
              shift=shift, ema=ema, caption_dropout=caption_dropout, guidance=guidance, quant=quant,
              gradient_checkpointing=gradient_checkpointing, fmt=fmt, seed=seed, resume=resume,
              checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram, sample_every=sample_every,
-             sample_prompts=sample_prompt or [], preserve=preserve, preserve_weight=preserve_weight)
+             sample_prompts=sample_prompt or [], preserve=preserve, preserve_weight=preserve_weight,
+             x0_weight_floor=x0_weight_floor)
 
 
 def _memory(device) -> str:
@@ -102,7 +106,7 @@ def _memory(device) -> str:
 def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batch, grad_accum, warmup, resolution,
              timestep, logit_mean, logit_std, shift, caption_dropout, ema, guidance, quant, gradient_checkpointing, fmt,
              seed, resume, checkpoint_every, device, offload, vram, sample_every=0, sample_prompts=(), preserve="",
-             preserve_weight=1.0) -> None:
+             preserve_weight=1.0, x0_weight_floor=1.0) -> None:
     import time
 
     from .. import distributed, options
@@ -151,7 +155,7 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
                      warmup=warmup, resolution=resolution, timestep=timestep, logit_mean=logit_mean,
                      logit_std=logit_std, shift=shift, caption_dropout=caption_dropout, guidance=guidance, ema=ema,
                      gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
-                     preserve=preserve, preserve_weight=preserve_weight)
+                     preserve=preserve, preserve_weight=preserve_weight, x0_weight_floor=x0_weight_floor)
     cfg.check()
     output = output.expanduser()
     if output.exists() and not output.is_dir():

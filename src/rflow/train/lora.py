@@ -101,6 +101,8 @@ class LoRAConfig:
             raise UserError("the logit-normal std must be positive")
         if not 0 <= self.ema < 1:
             raise UserError(f"--ema {self.ema}: an EMA decay in [0, 1) (0: no EMA), e.g. 0.99")
+        if not 0 < self.x0_weight_floor <= 1:
+            raise UserError(f"--x0-weight-floor {self.x0_weight_floor}: a number in (0, 1]")
         if not 0 < self.preserve_weight < math.inf:
             raise UserError(f"--preserve-weight {self.preserve_weight}: a positive number")
         parse_preserve(self.preserve)
