@@ -96,7 +96,7 @@ def end(started: bool = True, *, wait: bool = True) -> None:
 
 
 # DTensor's caches that keep a device mesh (and through it the process group) after its model is gone:
-# (module, attribute path of a function that empties one). Names of torch 2.11-2.13; missing ones are skipped.
+# (module, attribute path of a function that empties one), as torch 2.13 names them; missing ones are skipped.
 MESH_CACHES = (
     ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
     ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
