@@ -8,7 +8,9 @@ import os
 import sys
 
 
-def group_threads() -> list[str]:
+def group_threads() -> list[str] | str:
+    if not os.path.isdir("/proc/self/task"):
+        return "unknown (no /proc)"
     names = []
     for t in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{t}/comm") as f:

@@ -183,7 +183,6 @@ def _free_port() -> int:
 EXIT_THREADS = os.path.join(os.path.dirname(__file__), "rflow_exit_threads.py")  # rflow ARGS, then the live group threads
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc")
 def test_two_processes_equal_one(model_dir, pipe, tmp_path):
     """`rflow analyze` under torchrun's environment (2 ranks, gloo) writes exactly the single-process result,
     and every rank frees its process group before the interpreter shuts down: a group left to interpreter
@@ -207,7 +206,8 @@ def test_two_processes_equal_one(model_dir, pipe, tmp_path):
     for p, (o, e) in zip(procs, results):
         assert p.returncode == 0, e[-3000:]
         assert "terminate called" not in e and "Traceback" not in e, e[-3000:]
-        assert "group threads at exit: []" in e, e[-3000:]
+        if os.path.isdir("/proc/self/task"):  # Linux: the group's threads are gone before shutdown
+            assert "group threads at exit: []" in e, e[-3000:]
     assert str(out) in results[0][0] and not results[1][0].strip()  # rank 0 alone writes and reports
 
     threads = torch.get_num_threads()
