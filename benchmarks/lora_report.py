@@ -8,7 +8,7 @@ adherence (rflow.world.evaluate) before and after on prompts with the reserved w
 prompts (the ``"train"`` grammar). Targets: reserved adherence from near 0 to ≥ 0.8; base adherence
 drops ≤ 0.03.
 
-    .venv/bin/python benchmarks/lora_report.py [--steps 3000] [--lr 2e-3] [--images 50] [--prior 12] [--dataset balanced|curated|random] [--preserve SPEC]
+    .venv/bin/python benchmarks/lora_report.py [--steps 3000] [--lr 2e-3] [--images 50] [--prior 12] [--dataset balanced|curated|random] [--preserve SPEC] [--cfg 3] [--eval-set 1]
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def reserved_accuracy(report, prompts) -> float:
 def score(pipe, prompts, args):
     from rflow.world.evaluate import evaluate
 
-    res = evaluate(pipe, prompts=prompts, heldout=0, steps=args.eval_steps, seed=0, guidance=args.guidance)
+    res = evaluate(pipe, prompts=prompts, heldout=0, steps=args.eval_steps, seed=0, guidance=args.guidance,
+                   cfg=args.cfg)
     acc = dict(res.report.accuracy, reserved_words=reserved_accuracy(res.report, prompts))
     return res.report.adherence, acc, res.images
 
@@ -152,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preserve-weight", type=float, default=1.0)
     ap.add_argument("--eval", type=int, default=48, help="prompts per set")
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-set", type=int, default=0, help="which set of reserved prompts (0: the docs' set; 1, 2, ...: others)")
+    ap.add_argument("--cfg", type=float, default=1.0, help="true CFG scale of every scored sample (1: none)")
     ap.add_argument("--out", type=Path, default=DOCS / "training.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     from rflow.world.evaluate import EVAL_SEED_OFFSET
 
     pipe = load("rflow-tiny", device="cpu", dtype=torch.float32)
-    reserved = [shapes.caption(sc) for sc in reserved_scenes(args.eval, EVAL_SEED_OFFSET + 7)]
+    reserved = [shapes.caption(sc) for sc in reserved_scenes(args.eval, EVAL_SEED_OFFSET + 7 + args.eval_set)]
     base = shapes.prompts(args.eval, seed=EVAL_SEED_OFFSET, split="train")
     t0 = time.perf_counter()
     r0, racc0, rimg0 = score(pipe, reserved, args)
@@ -235,8 +238,8 @@ def main(argv=None) -> int:
 rflow-tiny's base training never shows the colour `magenta` or the shape `star` (the shapes world keeps
 them for this experiment). {len(caps)} rendered scenes that contain one or both ({args.dataset}: {DATASETS[args.dataset]}){prior_text},
 with their captions, teach them through a LoRA (rank {args.rank}, targets `{args.targets}`){keep_text}; adherence is scored by the shapes-world
-evaluator on {len(reserved)} prompts with the reserved words and {len(base)} base-grammar prompts,
-{args.eval_steps} Euler steps, guidance {args.guidance}, seed 0. Adherence is the evaluator's share of
+evaluator on {len(reserved)} prompts with the reserved words{f" (prompt set {args.eval_set})" if args.eval_set else ""} and {len(base)} base-grammar prompts,
+{args.eval_steps} Euler steps, guidance {args.guidance}{f", true CFG {args.cfg:g}" if args.cfg != 1 else ""}, seed 0. Adherence is the evaluator's share of
 right judgements per image (background, count, colour, shape, size, position), so a model that draws a
 wrong colour or shape for the reserved word still scores on the rest; the first row counts only the
 judgements on the reserved words themselves (each magenta object's colour, each star's shape).
