@@ -20,7 +20,8 @@ Backward (training): while a streamed block runs with grad enabled, saved-tensor
 (``torch.autograd.graph.saved_tensors_hooks``) replace every tensor autograd saves that lives in the
 block's slot — its weights and views of them — by a small record; in backward the record fetches the
 block again (prefetching the blocks before it, in reverse order) and returns the same view of its new
-slot. Streamed weights are frozen: a parameter that requires grad is not streamed (LoRA adapters stay
+slot. Gradient checkpointing recomputes a block's forward in backward without calling its hooks: it
+does so inside :meth:`Streamer.recompute`, which binds the block to a slot the same way. Streamed weights are frozen: a parameter that requires grad is not streamed (LoRA adapters stay
 resident with their gradients and optimizer state). A quantized layer computing in "dequant" mode
 saves its dequantized weight, which is not slot memory: autograd keeps that dense weight until
 backward (recomputing it there is not done yet).
@@ -369,6 +370,22 @@ class Streamer:
             behind = [self.blocks[block.index - k] for k in range(1, self.prefetch + 1) if block.index - k >= 0]
             self._prefetch(behind, {block, *behind}, "backward")
         return self._use(block)
+
+    @contextlib.contextmanager
+    def recompute(self, module: nn.Module):
+        """While backward recomputes streamed block ``module``'s forward (gradient checkpointing calls the
+        block's forward without its hooks): the block fetched again if its slot was reused, the blocks
+        before it prefetched, its tensors views of its slot; afterwards views of its host buffer again.
+        A module that is not a streamed block is left alone."""
+        block = next((b for b in self.blocks if b.module is module), None)
+        if block is None:
+            yield
+            return
+        block.bind(self._for_backward(block))
+        try:
+            yield
+        finally:
+            block.bind(block.host)
 
     # -- the end
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import itertools
 import math
 import re
 
@@ -53,18 +55,31 @@ def init_weights(model: torch.nn.Module, layers: list[str], rank: int, alpha: fl
 
 
 def checkpoint_blocks_(model: torch.nn.Module) -> int:
-    """Recompute each transformer block in backward instead of keeping its activations; returns how many."""
+    """Recompute each transformer block in backward instead of keeping its activations; returns how many.
+    The recomputation of a block that offload streams runs inside the streamer's ``recompute`` (its
+    weights fetched to the device again: backward calls the block's forward without the block's hooks)."""
     from torch.utils.checkpoint import checkpoint
+
+    from ..runtime.offload import streamer
 
     n = 0
     for attr in BLOCK_LISTS:
         for block in getattr(model, attr, None) or ():
             fwd = block.forward
 
-            def run(*args, _fwd=fwd, **kwargs):
+            def run(*args, _fwd=fwd, _block=block, **kwargs):
                 if not torch.is_grad_enabled():
                     return _fwd(*args, **kwargs)
-                return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+                calls = itertools.count()
+
+                def body(*a, **k):
+                    if next(calls) == 0:  # the forward pass, inside the block's own call (its hooks ran)
+                        return _fwd(*a, **k)
+                    s = streamer(model)  # backward's recomputation
+                    with s.recompute(_block) if s is not None else contextlib.nullcontext():
+                        return _fwd(*a, **k)
+
+                return checkpoint(body, *args, use_reentrant=False, **kwargs)
 
             block.forward = run
             n += 1
