@@ -13,7 +13,9 @@ the forward under bf16 autocast at 1024² (4096 image tokens, 512 text tokens, b
 the flow-matching MSE against a random target, backward, gradient clipping and a fused AdamW step.
 Each step is timed on the wall clock, synchronised before and after (the median of ``--steps`` after
 ``--warmup`` steps); peak GPU memory is ``torch.cuda.max_memory_allocated`` over the timed steps,
-the weights included (``peak_reserved_bytes``: what the caching allocator held).
+the weights included (``peak_reserved_bytes``: what the caching allocator held); ``working_bytes`` (the
+peak less the weights on the GPU) stands beside ``estimated_reserve_bytes``, what ``rflow train`` plans
+for the step (``rflow.train.budget.training_reserve``).
 
 Parts (``--parts`` picks some; each runs as its own process on CUDA, so an out-of-memory error stays
 in its part and every part's peak is its own):
@@ -66,6 +68,7 @@ def lora_step_part(name: str, device: str, small: bool, *, steps: int, warmup: i
     from rflow.runtime.offload import offload_, streamer
     from rflow.runtime.timing import Peaks, free, synchronize
     from rflow.train.adapters import checkpoint_blocks_, init_weights, target_layers
+    from rflow.train.budget import training_reserve
 
     quant, budget, ckpt = PARTS[name]
     dev = torch.device(device)
@@ -100,8 +103,12 @@ def lora_step_part(name: str, device: str, small: bool, *, steps: int, warmup: i
         rec["offload_plan"] = {k: v for k, v in plan.summary().items() if k not in ("resident", "streamed")}
         rec["offload_plan"].update(resident_blocks=len(plan.resident), streamed_blocks=len(plan.streamed))
     layers = target_layers(model, "attn,mlp")
-    add_lora_(model, init_weights(model, layers, rank, float(rank), seed=0), name="bench", trainable=True,
-              dtype=torch.float32, device=dev)
+    weights = init_weights(model, layers, rank, float(rank), seed=0)
+    # what the trainer would plan for this step, against the working memory measured below
+    rec["estimated_reserve_bytes"] = training_reserve(
+        model, dev, tokens=fam.image_seq_len(fam.latent_spec(config, 8).shape(1, side, side)) + text_tokens, batch=1,
+        checkpointing=ckpt, trainable=sum(w.down.numel() + w.up.numel() for w in weights))
+    add_lora_(model, weights, name="bench", trainable=True, dtype=torch.float32, device=dev)
     if ckpt:
         checkpoint_blocks_(model)
     params = list(lora_parameters(model, "bench"))

@@ -57,6 +57,7 @@ def test_every_part_runs_the_trainer_step(record):
     for x in res:
         assert x["finite"] and len(x["losses"]) == 2 and all(positive(v) for v in x["losses"])
         assert positive(x["step_ms"]) and x["min_ms"] <= x["step_ms"] <= x["max_ms"] and x["rank"] == 16
+        assert x["estimated_reserve_bytes"] > 16 * x["lora_parameters"]
     assert [x["gradient_checkpointing"] for x in res] == [True] * 5 + [False]
 
 

@@ -181,6 +181,8 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
         if sample_prompts:
             pipe.check_prompts(list(sample_prompts))
         trainer = LoRATrainer(pipe, cfg, items, output, rank=rank_id, world=world)
+        if trainer.offload is not None and rank_id == 0:
+            console.print(str(trainer.offload), highlight=False, soft_wrap=True)
         prompts = list(sample_prompts) or list(dict.fromkeys(it.caption for it in items))[:4]
         t0 = time.perf_counter()
         log_path = output / "log.jsonl"

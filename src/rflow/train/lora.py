@@ -38,6 +38,7 @@ from ..errors import NonFiniteError, UserError
 from ..families.base import cond_stack
 from ..lora.layer import LoRAWeight, add_lora_, lora_layers, lora_parameters
 from .adapters import checkpoint_blocks_, init_weights, target_layers
+from .budget import offload_for_training_
 from .data import Cache, Item, bucket_for, buckets
 from .dist import barrier, global_sum
 from .full import step_generator
@@ -128,20 +129,10 @@ class LoRATrainer:
         self.pipe, self.cfg, self.items, self.out = pipe, cfg, list(items), Path(out)
         self.rank, self.world = rank, world
         model = pipe.transformer
-        model.requires_grad_(False)
         self.model = model
         self.layers = target_layers(model, cfg.targets)
         alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
         self.alpha = alpha
-        add_lora_(model, init_weights(model, self.layers, cfg.rank, alpha, cfg.seed), name=NAME, trainable=True,
-                  dtype=torch.float32)
-        if cfg.gradient_checkpointing:
-            checkpoint_blocks_(model)
-        self.params = list(lora_parameters(model, NAME))
-        self.names = self._param_names()
-        self.ema = [p.detach().clone() for p in self.params] if cfg.ema else None
-        fused = {"fused": True} if pipe.device.type == "cuda" else {}
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **fused)
         options = buckets(cfg.resolution, pipe.size_multiple)
         self.item_buckets = [bucket_for(it.size, options) for it in self.items]
         if pipe.has_guidance_embedder():
@@ -150,10 +141,26 @@ class LoRATrainer:
             raise UserError(f"--guidance: this model ({pipe.name}) has no guidance embedder")
         else:
             self.guidance = None
-        settings = f"{getattr(pipe, 'model_hash', '') or pipe.name}|{pipe.max_sequence_length}"
-        self.cache = Cache(pipe, self.out / "cache", settings, write=rank == 0)
         words = parse_preserve(cfg.preserve)
         self.preservation = Preservation(words) if words else None
+        weights = init_weights(model, self.layers, cfg.rank, alpha, cfg.seed)
+        # an offloaded base: planned again for a training step's working memory (rflow.train.budget),
+        # before anything changes (a budget too small for a step is a UserError that leaves the model as it was)
+        self.offload = offload_for_training_(
+            pipe, self.item_buckets, batch=cfg.batch * (2 if self.preservation is not None else 1),
+            checkpointing=cfg.gradient_checkpointing, trainable=sum(w.down.numel() + w.up.numel() for w in weights),
+            ema=bool(cfg.ema))
+        model.requires_grad_(False)
+        add_lora_(model, weights, name=NAME, trainable=True, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            checkpoint_blocks_(model)
+        self.params = list(lora_parameters(model, NAME))
+        self.names = self._param_names()
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema else None
+        fused = {"fused": True} if pipe.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, **fused)
+        settings = f"{getattr(pipe, 'model_hash', '') or pipe.name}|{pipe.max_sequence_length}"
+        self.cache = Cache(pipe, self.out / "cache", settings, write=rank == 0)
         self.step, self.log = 0, []
         self._preserve_total = 0.0
 
