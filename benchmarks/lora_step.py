@@ -14,8 +14,8 @@ the flow-matching MSE against a random target, backward, gradient clipping and a
 Each step is timed on the wall clock, synchronised before and after (the median of ``--steps`` after
 ``--warmup`` steps); peak GPU memory is ``torch.cuda.max_memory_allocated`` over the timed steps,
 the weights included (``peak_reserved_bytes``: what the caching allocator held); ``working_bytes`` (the
-peak less the weights on the GPU) stands beside ``estimated_reserve_bytes``, what ``rflow train`` plans
-for the step (``rflow.train.budget.training_reserve``).
+peak less the weights and block buffers on the GPU) stands beside ``estimated_reserve_bytes``, what
+``rflow train`` plans for the step.
 
 Parts (``--parts`` picks some; each runs as its own process on CUDA, so an out-of-memory error stays
 in its part and every part's peak is its own):
@@ -23,12 +23,11 @@ in its part and every part's peak is its own):
 * ``resident``: the whole bf16 base on the GPU;
 * ``offload_all``: every block streamed from pinned host memory (``offload_(mode="blocks")``), the
   least GPU memory;
-* ``offload_12g``: as many blocks resident as fit in 12 GiB (``--vram 12GiB``), with the working
-  reserve the ``offload_all`` part measured (its peak less its weights and block buffers);
+* ``offload_12g``: as many blocks resident as fit in 12 GiB (``--vram 12GiB``) with the working reserve
+  ``rflow train`` plans for the step (``rflow.train.budget.training_reserve``);
 * ``fp8_offload_8g`` / ``q8_0_offload_8g``: the base quantized to fp8 / GGUF Q8_0 (dequantized per
-  layer in forward and in backward's recomputation), then offloaded into 8 GiB the same way, the
-  reserve grown by one block's dense bf16 weights (a recomputed block keeps its dequantized weights
-  for its backward);
+  layer in forward and in backward's recomputation), then offloaded into 8 GiB the same way (the
+  reserve holds one block's dequantized weights, which a recomputed block keeps for its backward);
 * ``resident_no_ckpt``: resident without gradient checkpointing (every activation kept).
 
 The JSON is rewritten after every part; ``summary`` sets the issue's targets (offloaded ≤ 12 GiB at ≤
@@ -54,12 +53,9 @@ PARTS = {"resident": (None, None, True), "offload_all": (None, "all", True), "of
          "resident_no_ckpt": (None, None, False)}
 LIMITS = {"resident": 90, "offload_all": 90, "offload_12g": 90, "fp8_offload_8g": 90, "q8_0_offload_8g": 100,
           "resident_no_ckpt": 75}  # seconds
-RESERVE_MARGIN = 1.15  # the working reserve given to a budgeted part: the measured working memory × this
-DEFAULT_RESERVE = 3 * GiB  # when offload_all did not run (or on the CPU at tiny scale: its own estimate)
 
 
-def lora_step_part(name: str, device: str, small: bool, *, steps: int, warmup: int, rank: int,
-                   reserve: int | None = None) -> dict:
+def lora_step_part(name: str, device: str, small: bool, *, steps: int, warmup: int, rank: int) -> dict:
     """Build part ``name``'s model, time its LoRA step and return the record."""
     import torch
 
@@ -83,9 +79,6 @@ def lora_step_part(name: str, device: str, small: bool, *, steps: int, warmup: i
                  "dtype": str(dtype).removeprefix("torch.")}
     t0 = time.perf_counter()
     model = bm.build_random(fam, config, dev, dtype, 0)  # on the GPU: quantized there, offload_ moves blocks out
-    # backward's recomputation of a quantized block keeps its dequantized weights until the block is done
-    dense_block = max(sum(p.numel() * p.element_size() for p in model.get_submodule(b).parameters())
-                      for b in fam.blocks(model))
     if quant is not None:
         from rflow.quant.api import plan_summary, quantize_
 
@@ -93,21 +86,17 @@ def lora_step_part(name: str, device: str, small: bool, *, steps: int, warmup: i
         rec["weight_bytes"] = plan_summary(model)["model_bytes"]
     else:
         rec["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    if budget is not None:
-        vram = None if budget == "all" else int(budget * GiB)
-        if vram is not None:
-            reserve = int(reserve if reserve is not None else DEFAULT_RESERVE) + (dense_block if quant else 0)
-            rec["reserve_bytes"] = reserve
-        plan = offload_(model, vram=vram, mode="blocks", device=dev, prefetch=1,
-                        reserve=reserve if vram is not None else None)
-        rec["offload_plan"] = {k: v for k, v in plan.summary().items() if k not in ("resident", "streamed")}
-        rec["offload_plan"].update(resident_blocks=len(plan.resident), streamed_blocks=len(plan.streamed))
     layers = target_layers(model, "attn,mlp")
     weights = init_weights(model, layers, rank, float(rank), seed=0)
-    # what the trainer would plan for this step, against the working memory measured below
-    rec["estimated_reserve_bytes"] = training_reserve(
+    # what the trainer plans for this step: the reserve of the budgeted parts
+    reserve = rec["estimated_reserve_bytes"] = training_reserve(
         model, dev, tokens=fam.image_seq_len(fam.latent_spec(config, 8).shape(1, side, side)) + text_tokens, batch=1,
         checkpointing=ckpt, trainable=sum(w.down.numel() + w.up.numel() for w in weights))
+    if budget is not None:
+        vram = None if budget == "all" else int(budget * GiB)
+        plan = offload_(model, vram=vram, mode="blocks", device=dev, prefetch=1, reserve=reserve)
+        rec["offload_plan"] = {k: v for k, v in plan.summary().items() if k not in ("resident", "streamed")}
+        rec["offload_plan"].update(resident_blocks=len(plan.resident), streamed_blocks=len(plan.streamed))
     add_lora_(model, weights, name="bench", trainable=True, dtype=torch.float32, device=dev)
     if ckpt:
         checkpoint_blocks_(model)
@@ -215,14 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=float, help="seconds per part (default: each part's own)")
     ap.add_argument("--jobs", choices=("subprocess", "inprocess"), help="default: subprocess on CUDA, else inprocess")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # run one part alone: --part NAME:OUT.json
-    ap.add_argument("--reserve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import torch
 
     if args.part:
         name, _, out = args.part.partition(":")
-        rec = lora_step_part(name, args.device, args.small, steps=args.steps, warmup=args.warmup, rank=args.rank,
-                             reserve=args.reserve)
+        rec = lora_step_part(name, args.device, args.small, steps=args.steps, warmup=args.warmup, rank=args.rank)
         Path(out).write_text(json.dumps(rec))
         return 0
 
@@ -251,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
         record["wall_s"] = time.monotonic() - start
         atomic_write_bytes(args.out, (json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
 
-    reserve = None
     with tempfile.TemporaryDirectory(prefix="lora_step-") as tmp:
         for name in names:
             left = args.budget - (time.monotonic() - start)
@@ -261,14 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                 entry.update(status="skipped", reason="no time left in --budget")
                 save()
                 continue
-            if PARTS[name][1] not in (None, "all") and reserve is None and not args.small:
-                entry["reserve_from"] = f"the default, {DEFAULT_RESERVE / GiB:g} GiB (offload_all did not run first)"
             print(f"lora_step.py: {name} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             out = Path(tmp) / f"{name}.json"
             opts = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                    "--rank", str(args.rank), *(["--small"] if args.small else []),
-                    *(["--reserve", str(reserve)] if reserve is not None else [])]
+                    "--rank", str(args.rank), *(["--small"] if args.small else [])]
             if jobs == "subprocess":
                 rc, err = run_subprocess([sys.executable, str(Path(__file__).resolve()), "--part", f"{name}:{out}",
                                           *opts], limit)
@@ -279,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             entry.update(status=status, rc=rc, wall_s=time.monotonic() - t0, result=result)
             if status != "ok":
                 entry["stderr_tail"] = err.strip().splitlines()[-12:]
-            elif name == "offload_all" and result.get("working_bytes") is not None:
-                reserve = int(result["working_bytes"] * RESERVE_MARGIN)
             print(f"lora_step.py: {name}: {status} in {entry['wall_s']:.1f} s", file=sys.stderr, flush=True)
             save()
     save()

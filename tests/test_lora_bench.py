@@ -58,6 +58,7 @@ def test_every_part_runs_the_trainer_step(record):
         assert x["finite"] and len(x["losses"]) == 2 and all(positive(v) for v in x["losses"])
         assert positive(x["step_ms"]) and x["min_ms"] <= x["step_ms"] <= x["max_ms"] and x["rank"] == 16
         assert x["estimated_reserve_bytes"] > 16 * x["lora_parameters"]
+        assert x.get("working_bytes") is None  # no GPU peak on the CPU
     assert [x["gradient_checkpointing"] for x in res] == [True] * 5 + [False]
 
 
@@ -77,13 +78,16 @@ def test_streamed_parts_refetch_blocks_in_backward(record):
         assert "streamed_bytes_per_step" not in x  # no streamer: nothing was streamed
 
 
-def test_quantized_parts_reserve_a_dense_block_and_hold_fewer_bytes(record):
-    mod, r = record
+def test_budgeted_parts_plan_with_the_trainers_reserve(record):
+    _, r = record
     p = {k: e["result"] for k, e in r["parts"].items()}
-    assert p["offload_12g"]["reserve_bytes"] == mod.DEFAULT_RESERVE  # no GPU peak measured on the CPU
+    for name in ("offload_all", "offload_12g", "fp8_offload_8g", "q8_0_offload_8g"):
+        assert p[name]["offload_plan"]["reserve"] == p[name]["estimated_reserve_bytes"]
+    bf16 = p["offload_12g"]["estimated_reserve_bytes"]
+    assert bf16 == p["resident"]["estimated_reserve_bytes"] < p["resident_no_ckpt"]["estimated_reserve_bytes"]
     for name in ("fp8_offload_8g", "q8_0_offload_8g"):
-        extra = p[name]["reserve_bytes"] - mod.DEFAULT_RESERVE
-        assert 0 < extra < p["resident"]["weight_bytes"] / 2  # the largest block's dense weights
+        extra = p[name]["estimated_reserve_bytes"] - bf16
+        assert 0 < extra < p["resident"]["weight_bytes"] / 2  # the largest block's dequantized weights
         assert p[name]["weight_bytes"] < 0.5 * p["resident"]["weight_bytes"]  # float32 base at tiny scale
 
 

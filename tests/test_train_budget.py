@@ -135,3 +135,18 @@ def test_cli_trains_within_an_offload_budget_or_says_it_cannot(capsys, data, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rflow: error: --vram 2.0 MiB is below") and "working reserve" in err[0]
     assert not (tmp_path / "small" / "lora.safetensors").exists()
+
+
+def test_a_quantized_base_reserves_the_dense_weights_autograd_keeps():
+    from rflow.quant.api import quantize_
+
+    plain = flux_model()
+    q = flux_model()
+    quantize_(q, "Q8_0")
+    kw = dict(tokens=80, batch=1, trainable=0)
+    blocks = [sum(p.numel() * 4 for n, p in plain.get_submodule(b).named_parameters() if n.endswith("weight")
+                  and p.ndim == 2) for b in ("double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1")]
+    ck = training_reserve(q, "cpu", checkpointing=True, **kw) - training_reserve(plain, "cpu", checkpointing=True, **kw)
+    assert ck == max(blocks)  # one recomputed block's dequantized weights
+    full = training_reserve(q, "cpu", checkpointing=False, **kw) - training_reserve(plain, "cpu", checkpointing=False, **kw)
+    assert full == sum(blocks)

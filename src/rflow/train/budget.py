@@ -15,7 +15,9 @@ a SwiGLU MLP (FLUX.2, Z-Image) is counted as 3·M (its 2M-wide in-projection and
 measured). Checkpointing keeps D elements per token per block plus one block's ``11·D + M``. The
 forward transient is the inference reserve of the same tokens; the adapters take 16 bytes a trainable
 parameter (float32 weight, gradient, two AdamW moments; the trainer plans before it adds them) and 4
-more with an EMA. The activations are counted 1.25 × for allocator slack.
+more with an EMA. The activations are counted 1.25 × for allocator slack. A quantized layer computing by
+dequantizing hands autograd its dense weight: one block's worth is held while a checkpointed block is
+recomputed and differentiated, every block's without checkpointing.
 """
 
 from __future__ import annotations
@@ -53,7 +55,21 @@ def training_reserve(model: nn.Module, device, *, tokens: int, batch: int, check
     saved = (n * e * D + per_block) if checkpointing else n * per_block
     transient = _token_bytes(config, e) * 3 // 2
     acts = batch * tokens * (saved + transient)
-    return int(SLACK * acts) + trainable * (16 + 4 * bool(ema)) + FIXED_OVERHEAD
+    dense = _dequantized(model)  # per block: the dense weights its quantized layers hand to autograd
+    held = (max(dense, default=0) if checkpointing else sum(dense))
+    return int(SLACK * acts) + held + trainable * (16 + 4 * bool(ema)) + FIXED_OVERHEAD
+
+
+def _dequantized(model: nn.Module) -> list[int]:
+    """Bytes of the dense weights each block's quantized layers (computing by dequantizing) save for backward."""
+    from ..quant.linear import QuantLinear
+    from ..runtime.offload import block_names
+
+    out = []
+    for name in block_names(model):
+        layers = [m for m in model.get_submodule(name).modules() if isinstance(m, QuantLinear) and m.compute == "dequant"]
+        out.append(sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in layers))
+    return out
 
 
 def replan_offload_(model: nn.Module, reserve: int):
