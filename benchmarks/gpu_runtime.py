@@ -27,26 +27,19 @@ default on the CPU). The JSON is rewritten after every part, so a run cut short 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import io
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from partrun import arguments, begin, run_inprocess, run_parts, run_subprocess, saver  # noqa: E402  (the shared part runner)
+
 PARTS = ("bf16", "fp8", "offload", "q8_0_offload", "profile", "compiled")
 LIMITS = {"bf16": 150, "fp8": 75, "offload": 75, "q8_0_offload": 75, "profile": 60, "compiled": 180}  # seconds
 GiB = 2**30
-
-
-class PartTimeout(BaseException):
-    """A part ran past its limit (in-process runs)."""
 
 
 def part_args(name: str, small: bool, device: str) -> list[str] | None:
@@ -83,46 +76,6 @@ def skip_reason(name: str, small: bool, device: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- running a part
-
-
-def run_subprocess(argv: list[str], limit: float) -> tuple[int | str, str]:
-    """(exit code or "timeout", stderr tail) of ``argv`` in its own session, killed with it on timeout."""
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=limit)
-        return p.returncode, err
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
-        return "timeout", err
-
-
-@contextlib.contextmanager
-def alarm(limit: float):
-    def fire(signum, frame):
-        raise PartTimeout
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, max(limit, 0.001))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def run_inprocess(fn, limit: float) -> tuple[int | str, str]:
-    err = io.StringIO()
-    try:
-        with alarm(limit), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = fn()
-    except PartTimeout:
-        rc = "timeout"
-    except Exception as e:  # noqa: BLE001 - a part's failure is recorded, the run goes on
-        rc = 1
-        err.write(f"{type(e).__name__}: {e}\n")
-    return rc, err.getvalue()
 
 
 def bench_part(args: list[str], jobs: str, limit: float, tmp: Path) -> tuple[int | str, str, dict | None]:
@@ -227,77 +180,35 @@ def summary(parts: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="gpu_runtime.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="gpu_runtime.json", help="the JSON record (rewritten after every part)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="tiny models: a check of the script, not a benchmark")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
-    ap.add_argument("--limit", type=float, help="seconds per part (default: each part's own)")
-    ap.add_argument("--jobs", choices=("subprocess", "inprocess"), help="default: subprocess on CUDA, else inprocess")
+    ap = arguments("gpu_runtime.py", __doc__.splitlines()[0], list(PARTS), 480)
     ap.add_argument("--profile-part", help=argparse.SUPPRESS)  # run the profile part alone, into this JSON
     args = ap.parse_args(argv)
-    import torch
-
     if args.profile_part:
         Path(args.profile_part).write_text(json.dumps(profile(args.device, args.small)))
         return 0
 
-    from rflow.outputs import atomic_write_bytes
-    from rflow.runtime.timing import environment
-
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("gpu_runtime.py: error: needs a CUDA device (or --device cpu --small to check the script)")
-    if not cuda and (args.device != "cpu" or not args.small):
-        raise SystemExit("gpu_runtime.py: error: on the CPU it runs only as --device cpu --small")
-    names = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = [p for p in names if p not in PARTS]
-    if bad or not names:
-        raise SystemExit(f"gpu_runtime.py: error: unknown part {bad[0] if bad else '(none)'}; choose {', '.join(PARTS)}")
-    jobs = args.jobs or ("subprocess" if cuda else "inprocess")
-    record = {"script": "benchmarks/gpu_runtime.py", **environment(torch.device(args.device)),
-              "command": " ".join(["python", "benchmarks/gpu_runtime.py", *(argv if argv is not None else sys.argv[1:])]),
-              "small": args.small, "jobs": jobs, "budget_s": args.budget, "parts": {}}
+    names, jobs, record = begin("gpu_runtime.py", args, argv, list(PARTS))
     start = time.monotonic()
-
-    def save() -> None:
-        record["summary"] = summary(record["parts"])
-        record["wall_s"] = time.monotonic() - start
-        atomic_write_bytes(args.out, (json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
+    save = saver(record, args.out, summary, start)
 
     with tempfile.TemporaryDirectory(prefix="gpu_runtime-") as tmp:
-        for name in names:
-            left = args.budget - (time.monotonic() - start)
-            limit = min(args.limit or LIMITS[name], left)
-            entry = record["parts"][name] = {"limit_s": limit}
-            why = skip_reason(name, args.small, args.device) or ("no time left in --budget" if limit < 1 else None)
-            if why:
-                entry.update(status="skipped", reason=why)
-                save()
-                continue
-            print(f"gpu_runtime.py: {name} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
-            t0 = time.monotonic()
+        def run(name: str, limit: float, entry: dict):
             bench = part_args(name, args.small, args.device)
             if bench is None and jobs == "subprocess":  # its model must not stay cached in this process
                 prof_out = Path(tmp) / "profile.json"
                 prof_out.unlink(missing_ok=True)
                 rc, err = run_subprocess([sys.executable, str(Path(__file__).resolve()), "--profile-part", str(prof_out),
                                           "--device", args.device, *(["--small"] if args.small else [])], limit)
-                result = json.loads(prof_out.read_text()) if prof_out.exists() else None
-            elif bench is None:
+                return rc, err, json.loads(prof_out.read_text()) if prof_out.exists() else None
+            if bench is None:
                 res: dict = {}
                 rc, err = run_inprocess(lambda: res.update(profile(args.device, args.small)) or 0, limit)
-                result = res or None
-            else:
-                entry["argv"] = ["rflow", "bench", *bench]
-                rc, err, result = bench_part(bench, jobs, limit, Path(tmp))
-            status = "ok" if rc == 0 and result is not None else "timeout" if rc == "timeout" else "error"
-            entry.update(status=status, rc=rc, wall_s=time.monotonic() - t0, result=result)
-            if status != "ok":
-                entry["stderr_tail"] = err.strip().splitlines()[-12:]
-            print(f"gpu_runtime.py: {name}: {status} in {entry['wall_s']:.1f} s", file=sys.stderr, flush=True)
-            save()
+                return rc, err, res or None
+            entry["argv"] = ["rflow", "bench", *bench]
+            return bench_part(bench, jobs, limit, Path(tmp))
+
+        run_parts(record, names, limits=LIMITS, budget=args.budget, limit=args.limit, run=run, save=save,
+                  start=start, label="gpu_runtime.py", skip=lambda name: skip_reason(name, args.small, args.device))
     save()
     print(json.dumps(record["summary"], indent=1))
     return 0

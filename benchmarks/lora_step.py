@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_runtime import run_inprocess, run_subprocess  # noqa: E402  (the same part runner)
+from partrun import arguments, begin, run_inprocess, run_parts, run_subprocess, saver  # noqa: E402  (the shared part runner)
 
 GiB = 2**30
 # part -> (quantization, offload budget: None resident, "all" every block streamed, else GiB; checkpointing)
@@ -192,78 +192,38 @@ def summary(parts: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lora_step.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="lora_step.json", help="the JSON record (rewritten after every part)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--small", action="store_true", help="a tiny model: a check of the script, not a benchmark")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    ap = arguments("lora_step.py", __doc__.splitlines()[0], list(PARTS), 420)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per part (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="steps before timing (default 2)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--budget", type=float, default=420, help="seconds for the whole run (default 420)")
-    ap.add_argument("--limit", type=float, help="seconds per part (default: each part's own)")
-    ap.add_argument("--jobs", choices=("subprocess", "inprocess"), help="default: subprocess on CUDA, else inprocess")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # run one part alone: --part NAME:OUT.json
     args = ap.parse_args(argv)
-    import torch
-
     if args.part:
         name, _, out = args.part.partition(":")
         rec = lora_step_part(name, args.device, args.small, steps=args.steps, warmup=args.warmup, rank=args.rank)
         Path(out).write_text(json.dumps(rec))
         return 0
 
-    from rflow.outputs import atomic_write_bytes
-    from rflow.runtime.timing import environment
-
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("lora_step.py: error: needs a CUDA device (or --device cpu --small to check the script)")
-    if not cuda and (args.device != "cpu" or not args.small):
-        raise SystemExit("lora_step.py: error: on the CPU it runs only as --device cpu --small")
-    names = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = [p for p in names if p not in PARTS]
-    if bad or not names:
-        raise SystemExit(f"lora_step.py: error: unknown part {bad[0] if bad else '(none)'}; choose {', '.join(PARTS)}")
     if args.steps < 1 or args.warmup < 1 or args.rank < 1:
         raise SystemExit("lora_step.py: error: --steps, --warmup and --rank must be at least 1")
-    jobs = args.jobs or ("subprocess" if cuda else "inprocess")
-    record = {"script": "benchmarks/lora_step.py", **environment(torch.device(args.device)),
-              "command": " ".join(["python", "benchmarks/lora_step.py", *(argv if argv is not None else sys.argv[1:])]),
-              "small": args.small, "jobs": jobs, "budget_s": args.budget, "parts": {}}
+    names, jobs, record = begin("lora_step.py", args, argv, list(PARTS))
     start = time.monotonic()
+    save = saver(record, args.out, summary, start)
 
-    def save() -> None:
-        record["summary"] = summary(record["parts"])
-        record["wall_s"] = time.monotonic() - start
-        atomic_write_bytes(args.out, (json.dumps(record, indent=1, allow_nan=False) + "\n").encode())
-
+    opts = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank),
+            *(["--small"] if args.small else [])]
     with tempfile.TemporaryDirectory(prefix="lora_step-") as tmp:
-        for name in names:
-            left = args.budget - (time.monotonic() - start)
-            limit = min(args.limit or LIMITS[name], left)
-            entry = record["parts"][name] = {"limit_s": limit}
-            if limit < 1:
-                entry.update(status="skipped", reason="no time left in --budget")
-                save()
-                continue
-            print(f"lora_step.py: {name} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
-            t0 = time.monotonic()
+        def run(name: str, limit: float, entry: dict):
             out = Path(tmp) / f"{name}.json"
-            opts = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                    "--rank", str(args.rank), *(["--small"] if args.small else [])]
+            part = ["--part", f"{name}:{out}", *opts]
             if jobs == "subprocess":
-                rc, err = run_subprocess([sys.executable, str(Path(__file__).resolve()), "--part", f"{name}:{out}",
-                                          *opts], limit)
+                rc, err = run_subprocess([sys.executable, str(Path(__file__).resolve()), *part], limit)
             else:
-                rc, err = run_inprocess(lambda: main(["--part", f"{name}:{out}", *opts]), limit)
-            result = json.loads(out.read_text()) if out.exists() else None
-            status = "ok" if rc == 0 and result is not None else "timeout" if rc == "timeout" else "error"
-            entry.update(status=status, rc=rc, wall_s=time.monotonic() - t0, result=result)
-            if status != "ok":
-                entry["stderr_tail"] = err.strip().splitlines()[-12:]
-            print(f"lora_step.py: {name}: {status} in {entry['wall_s']:.1f} s", file=sys.stderr, flush=True)
-            save()
+                rc, err = run_inprocess(lambda: main(part), limit)
+            return rc, err, json.loads(out.read_text()) if out.exists() else None
+
+        run_parts(record, names, limits=LIMITS, budget=args.budget, limit=args.limit, run=run, save=save, start=start,
+                  label="lora_step.py")
     save()
     print(json.dumps(record["summary"], indent=1))
     return 0
