@@ -46,6 +46,10 @@ def train(
                                                       "LoRA is held to the base model on captions with the words "
                                                       "replaced"),
     preserve_weight: float = typer.Option(1.0, "--preserve-weight", help="weight of the preservation loss"),
+    masked_loss: bool = typer.Option(False, "--masked-loss", help="weigh the loss by each image's mask: a same-name "
+                                     "image in DATA/masks/ (white: full weight) or the image's alpha channel"),
+    mask_floor: float = typer.Option(0.1, "--mask-floor", help="--masked-loss: the weight of unmasked pixels, "
+                                     "in [0, 1] (each image's weights are then scaled to mean 1)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="distilled models: guidance during training "
                                                                       "(default 1.0)"),
     quant: Optional[str] = typer.Option(None, "--quant", help="quantize the frozen base first: one format (int8, fp8, "
@@ -72,7 +76,8 @@ def train(
         lora_only = {"--data": data is not None, "--alpha": alpha is not None, "--quant": quant is not None,
                      "--guidance": guidance is not None, "--grad-accum": grad_accum != 1, "--rank": rank != 16,
                      "--ema": ema != 0.0, "--shift": shift != "3.0", "--preserve": bool(preserve),
-                     "--preserve-weight": preserve_weight != 1.0, "--x0-weight-floor": x0_weight_floor != 1.0}
+                     "--preserve-weight": preserve_weight != 1.0, "--x0-weight-floor": x0_weight_floor != 1.0,
+                     "--masked-loss": masked_loss, "--mask-floor": mask_floor != 0.1}
         lora_only.update({"--sample-every": sample_every != 0, "--sample-prompt": bool(sample_prompt)})
         used = [k for k, v in lora_only.items() if v]
         if used:
@@ -87,7 +92,7 @@ def train(
              gradient_checkpointing=gradient_checkpointing, fmt=fmt, seed=seed, resume=resume,
              checkpoint_every=checkpoint_every, device=device, offload=offload, vram=vram, sample_every=sample_every,
              sample_prompts=sample_prompt or [], preserve=preserve, preserve_weight=preserve_weight,
-             x0_weight_floor=x0_weight_floor)
+             x0_weight_floor=x0_weight_floor, masked_loss=masked_loss, mask_floor=mask_floor)
 
 
 def _memory(device) -> str:
@@ -106,14 +111,14 @@ def _memory(device) -> str:
 def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batch, grad_accum, warmup, resolution,
              timestep, logit_mean, logit_std, shift, caption_dropout, ema, guidance, quant, gradient_checkpointing, fmt,
              seed, resume, checkpoint_every, device, offload, vram, sample_every=0, sample_prompts=(), preserve="",
-             preserve_weight=1.0, x0_weight_floor=1.0) -> None:
+             preserve_weight=1.0, x0_weight_floor=1.0, masked_loss=False, mask_floor=0.1) -> None:
     import time
 
     from .. import distributed, options
     from ..lora.write import FORMATS
     from ..outputs import check_output
     from ..runtime.offload import check_options
-    from ..train.data import read_dataset
+    from ..train.data import check_masks, read_dataset
     from ..train.lora import STATE_FILE, LoRAConfig, LoRATrainer
     from ..train.tensorboard import EventWriter
     from PIL import Image
@@ -146,6 +151,7 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
     options.number(lr, "--lr", low=0, low_open=True, high=1)
     options.number(caption_dropout, "--caption-dropout", low=0, high=1)
     options.number(preserve_weight, "--preserve-weight", low=0, low_open=True)
+    options.number(mask_floor, "--mask-floor", low=0, high=1)
     if shift != "auto":
         try:
             shift = float(shift)
@@ -155,7 +161,8 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
                      warmup=warmup, resolution=resolution, timestep=timestep, logit_mean=logit_mean,
                      logit_std=logit_std, shift=shift, caption_dropout=caption_dropout, guidance=guidance, ema=ema,
                      gradient_checkpointing=gradient_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
-                     preserve=preserve, preserve_weight=preserve_weight, x0_weight_floor=x0_weight_floor)
+                     preserve=preserve, preserve_weight=preserve_weight, x0_weight_floor=x0_weight_floor,
+                     masked_loss=masked_loss, mask_floor=mask_floor)
     cfg.check()
     output = output.expanduser()
     if output.exists() and not output.is_dir():
@@ -166,6 +173,8 @@ def run_lora(*, output: Path, model, data, steps, rank, alpha, targets, lr, batc
         raise UserError(f"{output} already exists: continue that run with --resume, or choose a new folder")
     check_output(output, kind="dir", force=True, what="the run folder")
     items = read_dataset(data)  # a bad dataset fails before the model loads
+    if masked_loss:
+        check_masks(items)
 
     from ..paths import resolve_model
     from ..pipeline import load

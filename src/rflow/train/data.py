@@ -6,6 +6,11 @@ A dataset folder holds images with captions in one of three ways (tried in this 
 ai-toolkit convention; an image without one has the empty caption). An image that cannot be read is
 skipped with a warning naming it; a folder left with no images is a UserError.
 
+Loss masks (for the masked loss): an image's mask is the same-name image in a ``masks/`` folder beside
+it (ai-toolkit's ``mask_path``; any image format, read as greyscale, white = weigh fully), else the
+image's own alpha channel (kohya's ``alpha_mask``). :func:`latent_weight` turns a mask into per-element
+loss weights on the latent grid: ``floor + (1 − floor) · mask``, scaled to mean 1 per image.
+
 Buckets: every image goes to the (width, height) whose aspect ratio is nearest its own among sizes
 with sides multiples of the family's factor and area close to ``resolution²``; it is scaled to cover
 the bucket and centre-cropped. A batch holds images of one bucket.
@@ -43,6 +48,7 @@ class Item:
     caption: str
     digest: str  # sha256 of the image file
     size: tuple[int, int]  # (width, height) of the image as read
+    mask: Path | None = None  # its loss mask: a masks/ file, or the image itself when it has an alpha channel
 
 
 def _read_metadata(root: Path) -> dict[str, str] | None:
@@ -96,16 +102,18 @@ def read_dataset(root) -> list[Item]:
         try:
             with Image.open(p) as im:
                 im.load()
-                size = im.size
+                size, alpha = im.size, im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
         except Exception:  # noqa: BLE001 - any unreadable image is skipped, by name
             bad.append(p.name)
             continue
+        mask = next((m for m in sorted((p.parent / "masks").glob(p.stem + ".*")) if m.suffix.lower() in IMAGE_SUFFIXES),
+                    p if alpha else None)
         if meta is not None:
             caption = meta[p.relative_to(root).as_posix()]
         else:
             txt = p.with_suffix(".txt")
             caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-        items.append(Item(p, caption, hashlib.sha256(data).hexdigest(), size))
+        items.append(Item(p, caption, hashlib.sha256(data).hexdigest(), size, mask))
     if bad:
         warnings.warn(f"{root}: skipped {len(bad)} unreadable image(s): {', '.join(bad)}", RflowWarning, stacklevel=2)
     if not items:
@@ -149,6 +157,56 @@ def load_image(path: Path, bucket: tuple[int, int]) -> Tensor:
         im = im.crop((left, top, left + w, top + h))
         a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def check_masks(items: list[Item]) -> None:
+    """A UserError naming the images that have no loss mask (the masked loss needs one for every image)."""
+    missing = [it.path.name for it in items if it.mask is None]
+    if missing:
+        raise UserError(f"--masked-loss: {len(missing)} image(s) have no loss mask (a same-name image in masks/, or "
+                        f"an alpha channel): {', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}")
+
+
+def load_mask(item: Item, bucket: tuple[int, int]) -> Tensor:
+    """``item``'s loss mask scaled and cropped as its image is for ``bucket``: (1, 1, H, W) in [0, 1]."""
+    from PIL import Image
+
+    if item.mask is None:
+        raise UserError(f"{item.path}: no loss mask (a same-name image in {item.path.parent / 'masks'}, or an alpha "
+                        "channel) for the masked loss")
+    try:
+        with Image.open(item.mask) as im:
+            im.load()
+            m = im.convert("RGBA").getchannel("A") if item.mask == item.path else im.convert("L")
+    except Exception:  # noqa: BLE001 - named, one line
+        raise UserError(f"{item.mask}: the loss mask of {item.path.name} cannot be read") from None
+    if m.size != item.size:
+        raise UserError(f"{item.mask}: the loss mask is {m.size[0]}x{m.size[1]}, its image {item.path.name} "
+                        f"{item.size[0]}x{item.size[1]}")
+    w, h = bucket
+    s = max(w / m.width, h / m.height)
+    nw, nh = max(w, round(m.width * s)), max(h, round(m.height * s))
+    if (nw, nh) != m.size:
+        m = m.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    a = np.asarray(m.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
+    return torch.from_numpy(a)[None, None].contiguous()
+
+
+def latent_weight(codec, mask: Tensor, floor: float) -> Tensor:
+    """Loss weights on ``codec``'s latent grid for a (B, 1, H, W) pixel ``mask``: ``floor + (1 − floor) ·
+    mask``, scaled to mean 1 per image. The pixel-unshuffle codec (rflow-tiny) keeps every pixel's weight
+    on its own latent channel (B, C·f², H/f, W/f); a VAE's latent gets each cell's mean (B, 1, H/f, W/f),
+    the same for every channel."""
+    import torch.nn.functional as F
+
+    f = int(codec.downscale_factor)
+    w = floor + (1.0 - floor) * mask.float()
+    if getattr(codec, "kind", None) == "pixel_unshuffle":
+        w = F.pixel_unshuffle(w.expand(-1, codec.channels, -1, -1), f)
+    else:
+        w = F.avg_pool2d(w, f)
+    return w / w.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
 
 
 def _key(*parts) -> str:

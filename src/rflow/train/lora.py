@@ -4,7 +4,8 @@ The base stays frozen — dense, quantized (:func:`rflow.quant.api.quantize_`, d
 are added) or streamed by block offload — and trainable adapters are added beside the chosen linear
 layers (:func:`rflow.lora.add_lora_`; A random, B zero, so step 0 is the base model). Loss: flow
 matching at x_t = (1−t)·x0 + t·noise on the velocity noise − x0, through the family's denoiser and
-weighted by its ``loss_weight`` (the x0-error weighting of data-predicting models, as full training).
+weighted by its ``loss_weight`` (the x0-error weighting of data-predicting models, as full training)
+and, with ``masked_loss``, per latent element by each image's mask (:func:`.data.latent_weight`).
 t is drawn uniform, logit-normal(mean, std) or shifted (t' = s·t / (1 + (s−1)·t) of a uniform t, s static
 or, for ``shift="auto"``, the factor the model's sampling schedule applies at each bucket's image-token
 count: FLUX.1's resolution shift e^mu, mu linear from 0.5 at 256 tokens to 1.15 at 4096).
@@ -28,7 +29,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -39,87 +40,16 @@ from ..families.base import cond_stack
 from ..lora.layer import LoRAWeight, add_lora_, lora_layers, lora_parameters
 from .adapters import checkpoint_blocks_, init_weights, target_layers
 from .budget import offload_for_training_
-from .data import Cache, Item, bucket_for, buckets
+from .data import Cache, Item, bucket_for, buckets, check_masks, latent_weight, load_mask
 from .dist import barrier, global_sum
 from .full import step_generator
+from .lora_config import LoRAConfig, sample_t
 from .preserve import Preservation, adapter_off, parse_preserve
 
 STATE_FILE = "train_state.safetensors"
 LORA_FILE = "lora.safetensors"
 STATE_VERSION = 1
 NAME = "trained"  # the adapter's name on the model
-TIMESTEPS = ("uniform", "logit-normal", "shift")
-
-
-@dataclass
-class LoRAConfig:
-    steps: int = 1000
-    rank: int = 16
-    alpha: float | None = None  # None: the rank (scale 1)
-    targets: str = "attn,mlp"
-    lr: float = 1e-4
-    batch: int = 1
-    grad_accum: int = 1
-    warmup: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    caption_dropout: float = 0.05
-    timestep: str = "logit-normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift: float | str = 3.0  # a factor, or "auto": the model's resolution-dependent shift
-    guidance: float | None = None  # None: 1.0 for a model with a guidance embedder
-    resolution: int = 512
-    x0_weight_floor: float = 1.0
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 250
-    ema: float = 0.0  # EMA decay of the adapters (0: none)
-    preserve: str = ""  # output preservation: "word=stand-in|stand-in,..." (see .preserve); "" for none
-    preserve_weight: float = 1.0
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        p = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-    def check(self) -> None:
-        if self.timestep not in TIMESTEPS:
-            raise UserError(f"--timestep {self.timestep!r}: choose one of {', '.join(TIMESTEPS)}")
-        if self.rank < 1 or self.steps < 1 or self.batch < 1 or self.grad_accum < 1 or self.checkpoint_every < 1:
-            raise UserError("--rank, --steps, --batch, --grad-accum and --checkpoint-every must be at least 1")
-        if not 0 <= self.caption_dropout <= 1:
-            raise UserError(f"--caption-dropout {self.caption_dropout} must be in [0, 1]")
-        if not 0 < self.lr <= 1:
-            raise UserError(f"--lr {self.lr} must be in (0, 1]")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"--alpha {self.alpha} must be positive")
-        if self.shift != "auto" and (isinstance(self.shift, str) or not 0 < self.shift < math.inf):
-            raise UserError(f"--shift {self.shift!r}: a positive number, or auto (the model's resolution shift)")
-        if not self.logit_std > 0:
-            raise UserError("the logit-normal std must be positive")
-        if not 0 <= self.ema < 1:
-            raise UserError(f"--ema {self.ema}: an EMA decay in [0, 1) (0: no EMA), e.g. 0.99")
-        if not 0 < self.x0_weight_floor <= 1:
-            raise UserError(f"--x0-weight-floor {self.x0_weight_floor}: a number in (0, 1]")
-        if not 0 < self.preserve_weight < math.inf:
-            raise UserError(f"--preserve-weight {self.preserve_weight}: a positive number")
-        parse_preserve(self.preserve)
-
-
-def sample_t(cfg: LoRAConfig, n: int, g: torch.Generator, auto_shift: float = 1.0) -> torch.Tensor:
-    """``n`` training timesteps; ``auto_shift``: the factor ``cfg.shift == "auto"`` stands for."""
-    if cfg.timestep == "uniform":
-        return torch.rand(n, generator=g)
-    if cfg.timestep == "logit-normal":
-        return torch.sigmoid(torch.randn(n, generator=g) * cfg.logit_std + cfg.logit_mean)
-    u = torch.rand(n, generator=g)
-    s = auto_shift if cfg.shift == "auto" else float(cfg.shift)
-    return s * u / (1 + (s - 1) * u)
-
-
 class LoRATrainer:
     """Trains LoRA ``NAME`` on ``pipe.transformer`` from ``items``; checkpoints and results in ``out``.
     ``rank``/``world``: this process's shard of every global batch (data-parallel runs)."""
@@ -141,6 +71,9 @@ class LoRATrainer:
             raise UserError(f"--guidance: this model ({pipe.name}) has no guidance embedder")
         else:
             self.guidance = None
+        self._masks: dict[int, torch.Tensor] = {}
+        if cfg.masked_loss:
+            check_masks(self.items)
         words = parse_preserve(cfg.preserve)
         self.preservation = Preservation(words) if words else None
         weights = init_weights(model, self.layers, cfg.rank, alpha, cfg.seed)
@@ -216,6 +149,7 @@ class LoRATrainer:
         cond = cond_stack(conds)
         if self.guidance is not None:
             cond = dataclasses.replace(cond, guidance=torch.full((len(share),), self.guidance))
+        mask = torch.cat([self.loss_mask(full[j]) for j in share]).to(dev) if cfg.masked_loss else 1.0
         x0, noise, t = x0.to(dev), noise.to(dev), t[share].to(dev)
         tb = t.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - tb) * x0 + tb * noise
@@ -225,7 +159,7 @@ class LoRATrainer:
         if self.preservation is None:
             with autocast:
                 v = denoiser(xt, t, cond.to(dev))
-            err = (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)
+            err = ((v.float() - (noise - x0)).pow(2) * mask).flatten(1).mean(1)
             # mean over the global batch: every rank's sum over the global count
             return (err * weight).sum() / n
         choice = self.preservation.draw(n, g)  # for the global batch, after every other draw
@@ -238,11 +172,18 @@ class LoRATrainer:
             v_base = denoiser(xt, t, keep).float()
         with autocast:  # one pass over the captions and their preservation prompts
             v, v_keep = denoiser(torch.cat([xt, xt]), torch.cat([t, t]), cond_stack([cond.to(dev), keep])).float().chunk(2)
-        err = (v - (noise - x0)).pow(2).flatten(1).mean(1)
+        err = ((v - (noise - x0)).pow(2) * mask).flatten(1).mean(1)
         drift = (v_keep - v_base).pow(2).flatten(1).mean(1)
         kept = (drift * weight).sum() / n
         self._preserve_total += float(kept.detach()) * cfg.preserve_weight
         return (err * weight).sum() / n + cfg.preserve_weight * kept
+
+    def loss_mask(self, i: int) -> torch.Tensor:
+        """Item ``i``'s loss weights on the latent grid (the masked loss), kept in memory once read."""
+        if i not in self._masks:
+            it, bucket = self.items[i], self.item_buckets[i]
+            self._masks[i] = latent_weight(self.pipe.vae, load_mask(it, bucket), self.cfg.mask_floor)
+        return self._masks[i]
 
     def shift_factor(self, bucket: tuple[int, int]) -> float:
         """The model's own timestep shift at ``bucket`` (width, height): what ``--shift auto`` uses."""
