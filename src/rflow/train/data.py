@@ -142,20 +142,25 @@ def bucket_for(size: tuple[int, int], options: list[tuple[int, int]]) -> tuple[i
     return min(options, key=lambda b: (abs(math.log(b[0] / b[1]) - r), -b[0] * b[1]))
 
 
+def _cover(im, bucket: tuple[int, int]):
+    """PIL image ``im`` scaled (bicubic) to cover ``bucket`` (width, height) and centre-cropped to it."""
+    from PIL import Image
+
+    w, h = bucket
+    s = max(w / im.width, h / im.height)
+    nw, nh = max(w, round(im.width * s)), max(h, round(im.height * s))
+    if (nw, nh) != im.size:
+        im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return im.crop((left, top, left + w, top + h))
+
+
 def load_image(path: Path, bucket: tuple[int, int]) -> Tensor:
     """The image scaled to cover ``bucket``, centre-cropped: (1, 3, H, W) in [−1, 1]."""
     from PIL import Image
 
-    w, h = bucket
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        s = max(w / im.width, h / im.height)
-        nw, nh = max(w, round(im.width * s)), max(h, round(im.height * s))
-        if (nw, nh) != im.size:
-            im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - w) // 2, (nh - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        a = np.asarray(_cover(im.convert("RGB"), bucket), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
@@ -183,13 +188,7 @@ def load_mask(item: Item, bucket: tuple[int, int]) -> Tensor:
     if m.size != item.size:
         raise UserError(f"{item.mask}: the loss mask is {m.size[0]}x{m.size[1]}, its image {item.path.name} "
                         f"{item.size[0]}x{item.size[1]}")
-    w, h = bucket
-    s = max(w / m.width, h / m.height)
-    nw, nh = max(w, round(m.width * s)), max(h, round(m.height * s))
-    if (nw, nh) != m.size:
-        m = m.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    a = np.asarray(m.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
+    a = np.asarray(_cover(m, bucket), dtype=np.float32) / 255.0
     return torch.from_numpy(a)[None, None].contiguous()
 
 
