@@ -44,7 +44,8 @@ def reserved_scenes(n: int, seed: int):
 PRESERVE = "magenta=red|green|blue|yellow|orange|cyan,star=circle|square|triangle"  # the base words stand in
 DATASETS = {"curated": "chosen to cover every colour, size, position and background with the new words",
             "balanced": "as curated, with 40% two-object scenes holding the new words on the left or the right",
-            "random": "the first random scenes of the full grammar that hold them"}
+            "random": "the first random scenes of the full grammar that hold them",
+            "stars": "as balanced, with more stars: 55% single stars, large and small on either background"}
 
 
 def curated_scenes(n: int):
@@ -89,6 +90,29 @@ def balanced_scenes(n: int, two: float = 0.4, star: float = 0.6):
     return scenes
 
 
+def star_scenes(n: int):
+    """``n`` scenes weighted towards the star: 55% single stars (every colour incl. magenta, each of
+    the four size × background pairs equally, every position), ``n/8`` single magenta circles / squares /
+    triangles, the rest two-object scenes of a star (one in three magenta) or a magenta base shape beside
+    a base object, on the left or the right."""
+    from rflow.world.shapes import BACKGROUNDS, COLOURS, POSITIONS, SIZES, Obj, Scene
+
+    cols, sizes, pos, bgs = list(COLOURS) + ["magenta"], list(SIZES), list(POSITIONS), list(BACKGROUNDS)
+    others = ("circle", "square", "triangle")
+    ns, nm = round(0.55 * n), n // 8
+    scenes = [Scene(bgs[i % 2], (Obj(cols[i % 7], "star", sizes[(i // 2) % 2], pos[i % 5]),)) for i in range(ns)]
+    scenes += [Scene(bgs[(i + 1) % 2], (Obj("magenta", others[i % 3], sizes[i % 2], pos[(i + 2) % 5]),))
+               for i in range(nm)]
+    for i in range(n - ns - nm):
+        new = (Obj(cols[i % 6], "star"), Obj("magenta", "star"), Obj(cols[(i + 2) % 6], "star"),
+               Obj("magenta", others[i % 3]))[i % 4]
+        base = Obj(cols[(i + 3) % 6], others[(i + 1) % 3])
+        left, right = (new, base) if (i // 4) % 2 == 0 else (base, new)
+        scenes.append(Scene(bgs[(i + i // 4) % 2], (Obj(left.colour, left.shape, "small", "on the left"),
+                                                    Obj(right.colour, right.shape, "small", "on the right"))))
+    return scenes
+
+
 def write_dataset(folder: Path, n: int, seed: int, *, dataset: str = "random", prior: int = 0) -> list[str]:
     """``n`` captioned images: ``n - prior`` with the reserved words (``dataset``: one of ``DATASETS``) and
     ``prior`` base-grammar scenes (prior preservation). Returns the reserved captions."""
@@ -97,7 +121,8 @@ def write_dataset(folder: Path, n: int, seed: int, *, dataset: str = "random", p
     folder.mkdir(parents=True, exist_ok=True)
     k = n - prior
     scenes = reserved_scenes(k, seed) if dataset == "random" else {"curated": curated_scenes,
-                                                                    "balanced": balanced_scenes}[dataset](k)
+                                                                    "balanced": balanced_scenes,
+                                                                    "stars": star_scenes}[dataset](k)
     rng, caps = np.random.default_rng(seed + 1 if dataset == "random" else 3), []
     for i, sc in enumerate(scenes):
         shapes.render(sc, rng).save(folder / f"{i:03d}.png")
@@ -124,19 +149,61 @@ def write_masks(folder: Path) -> None:
         Image.fromarray(m * 255).save(folder / "masks" / p.name)
 
 
-def reserved_accuracy(report, prompts) -> float:
-    """The share of the judgements on reserved words that are right: each magenta object's colour, each
-    star's shape (the evaluator judges objects in the prompt's order)."""
+def stand_in_scenes(scenes, k: int):
+    """``scenes`` with each reserved word replaced by a base word: the star of object ``j`` by the base shape
+    ``(k + j) mod 3`` (so ``k`` = 0, 1, 2 give every star as each base shape), magenta by a base colour,
+    never forming a held-out colour × shape pair. The base model's judgements at the reserved words' places
+    in these scenes are what it does with words it has learnt."""
+    from rflow.world.shapes import COLOURS, HELDOUT_PAIRS, Obj, RESERVED_COLOURS, RESERVED_SHAPES, SHAPES, Scene
+
+    cols, out = list(COLOURS), []
+    for sc in scenes:
+        objs = []
+        for j, o in enumerate(sc.objects):
+            shape = SHAPES[(k + j) % 3] if o.shape in RESERVED_SHAPES else o.shape
+            c = (2 * k + j) % len(cols)
+            if o.colour in RESERVED_COLOURS:
+                while (cols[c], shape) in HELDOUT_PAIRS:
+                    c = (c + 1) % len(cols)
+            elif o.shape in RESERVED_SHAPES and (o.colour, shape) in HELDOUT_PAIRS:  # the next base shape
+                shape = next(s for s in SHAPES[(k + j + 1) % 3:] + SHAPES if (o.colour, s) not in HELDOUT_PAIRS)
+            objs.append(Obj(cols[c] if o.colour in RESERVED_COLOURS else o.colour, shape, o.size, o.position))
+        out.append(Scene(sc.background, tuple(objs)))
+    return out
+
+
+def reserved_hits(report, prompts, originals=None) -> list[tuple[str, bool]]:
+    """Each judgement on a reserved word, as (group, right): each magenta object's colour, each star's shape
+    (the evaluator judges objects in the prompt's order); groups by word, size and company. With
+    ``originals`` (the prompts the ``prompts`` stand in for, object by object), the judgements at the
+    places of their reserved words."""
     from rflow.world import shapes
 
     hits = []
-    for d, p in zip(report.details, prompts):
-        for j, o in enumerate(shapes.parse(p).objects):
+    for d, p in zip(report.details, originals if originals is not None else prompts):
+        objs = shapes.parse(p).objects
+        for j, o in enumerate(objs):
+            where = "beside another object" if len(objs) > 1 else f"{o.size}, alone"
             if o.colour in shapes.RESERVED_COLOURS:
-                hits.append(d["colour"][j])
+                hits.append((f"magenta, {where}", bool(d["colour"][j])))
             if o.shape in shapes.RESERVED_SHAPES:
-                hits.append(d["shape"][j])
-    return float(np.mean(hits)) if hits else float("nan")
+                hits.append((f"star, {where}", bool(d["shape"][j])))
+    return hits
+
+
+def reserved_accuracy(report, prompts, originals=None) -> float:
+    """The share of the judgements on reserved words that are right (:func:`reserved_hits`)."""
+    hits = reserved_hits(report, prompts, originals)
+    return float(np.mean([h for _, h in hits])) if hits else float("nan")
+
+
+def by_group(hits) -> dict[str, tuple[int, int]]:
+    """(right, judgements) per group of :func:`reserved_hits`."""
+    out: dict[str, tuple[int, int]] = {}
+    for g, h in hits:
+        r, n = out.get(g, (0, 0))
+        out[g] = (r + h, n + 1)
+    return dict(sorted(out.items()))
 
 
 def score(pipe, prompts, args):
@@ -145,7 +212,23 @@ def score(pipe, prompts, args):
     res = evaluate(pipe, prompts=prompts, heldout=0, steps=args.eval_steps, seed=0, guidance=args.guidance,
                    cfg=args.cfg)
     acc = dict(res.report.accuracy, reserved_words=reserved_accuracy(res.report, prompts))
+    acc["groups"] = by_group(reserved_hits(res.report, prompts))
     return res.report.adherence, acc, res.images
+
+
+def stand_in_score(pipe, scenes, args) -> tuple[float, dict]:
+    """The base model's judgements at the reserved words' places when base words stand in for them
+    (:func:`stand_in_scenes`, all three ``k``): what it does with words it has learnt, in the same places."""
+    from rflow.world import shapes
+    from rflow.world.evaluate import evaluate
+
+    originals, hits = [shapes.caption(sc) for sc in scenes], []
+    for k in range(3):
+        prompts = [shapes.caption(sc) for sc in stand_in_scenes(scenes, k)]
+        res = evaluate(pipe, prompts=prompts, heldout=0, steps=args.eval_steps, seed=0, guidance=args.guidance,
+                       cfg=args.cfg)
+        hits += reserved_hits(res.report, prompts, originals)
+    return float(np.mean([h for _, h in hits])), by_group(hits)
 
 
 def main(argv=None) -> int:
@@ -182,12 +265,15 @@ def main(argv=None) -> int:
     from rflow.world.evaluate import EVAL_SEED_OFFSET
 
     pipe = load("rflow-tiny", device="cpu", dtype=torch.float32)
-    reserved = [shapes.caption(sc) for sc in reserved_scenes(args.eval, EVAL_SEED_OFFSET + 7 + args.eval_set)]
+    scenes = reserved_scenes(args.eval, EVAL_SEED_OFFSET + 7 + args.eval_set)
+    reserved = [shapes.caption(sc) for sc in scenes]
     base = shapes.prompts(args.eval, seed=EVAL_SEED_OFFSET, split="train")
     t0 = time.perf_counter()
     r0, racc0, rimg0 = score(pipe, reserved, args)
     b0, bacc0, _ = score(pipe, base, args)
-    print(f"before: reserved {r0:.3f} ({racc0['reserved_words']:.3f} words) base {b0:.3f}", file=sys.stderr)
+    ref, ref_groups = stand_in_score(pipe, scenes, args)
+    print(f"before: reserved {r0:.3f} ({racc0['reserved_words']:.3f} words; base words in their place "
+          f"{ref:.3f}) base {b0:.3f}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="rflow-lora-"))
     caps = write_dataset(work / "data", args.images, seed=11, dataset=args.dataset, prior=args.prior)
     if args.masked_loss:
@@ -238,7 +324,9 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "config": vars(args) | {"out": str(args.out)},
                "images": args.images, "reserved_images": len(caps), "reserved_before": r0, "reserved_after": r1, "base_before": b0,
                "base_after": b1, "reserved_words_before": w0, "reserved_words_after": w1, "reserved_accuracy_before": racc0, "reserved_accuracy_after": racc1,
-               "train_seconds": train_s, "total_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:]))}
+               "stand_in_words": ref, "stand_in_groups": ref_groups,
+               "train_seconds": train_s, "total_seconds": time.perf_counter() - t0, "final_loss": float(np.mean(losses[-50:])),
+               "lora": str(lora)}
     args.out.with_name(f"{args.out.stem}-results.json").write_text(json.dumps(results, indent=1))
     cmd = (f"rflow train --model rflow-tiny --data DATA --steps {args.steps} --rank {args.rank} --lr {args.lr} "
            f"--batch {args.batch} --targets {args.targets} --resolution 64 --logit-mean {args.logit_mean:g} --logit-std {args.logit_std:g} "
@@ -252,7 +340,9 @@ def main(argv=None) -> int:
                  if args.preserve else "")
     prior_text = (f" and {args.prior} base-grammar scenes (prior preservation; {args.images} images in all)"
                   if args.prior else "")
-    acc = "\n".join(f"| {a} | {racc0[a]:.3f} | {racc1[a]:.3f} |" for a in racc0)
+    acc = "\n".join(f"| {a} | {racc0[a]:.3f} | {racc1[a]:.3f} |" for a in racc0 if a != "groups")
+    groups = "\n".join(f"| {g} | {r}/{n} = {r / n:.2f} | {racc1['groups'].get(g, (0, 0))[0]}/{n // 3} = "
+                       f"{racc1['groups'].get(g, (0, 0))[0] / max(1, n // 3):.2f} |" for g, (r, n) in ref_groups.items())
     text = f"""# Training a LoRA: teaching rflow-tiny magenta and stars
 
 rflow-tiny's base training never shows the colour `magenta` or the shape `star` (the shapes world keeps
@@ -269,6 +359,16 @@ judgements on the reserved words themselves (each magenta object's colour, each 
 | magenta / star words right (reserved prompts) | {w0:.3f} | {w1:.3f} | ≥ 0.8 after: {"met" if ok_w else "**missed**"} |
 | adherence, prompts with magenta / star | {r0:.3f} | {r1:.3f} | ≥ 0.8 after: {"met" if ok_r else "**missed**"} |
 | adherence, base grammar | {b0:.3f} | {b1:.3f} | drop ≤ 0.03: {"met" if ok_b else "**missed**"} (drop {b0 - b1:+.3f}) |
+| for reference: the same judgements with base words in the reserved words' places (base model) | {ref:.3f} | – | – |
+
+The reference row asks what rflow-tiny does with words it has learnt from its 128,000 training images, in
+the places of the new ones: each star replaced by a circle, a square and a triangle in turn, each magenta
+by a base colour (never a held-out pair), the same judgements scored. Where the judgements are, and how
+many are right:
+
+| reserved word, where | base words in its place (base model) | the word itself, after the LoRA |
+|---|---|---|
+{groups}
 
 Per attribute, reserved prompts:
 
