@@ -8,7 +8,7 @@ adherence (rflow.world.evaluate) before and after on prompts with the reserved w
 prompts (the ``"train"`` grammar). Targets: reserved adherence from near 0 to ≥ 0.8; base adherence
 drops ≤ 0.03.
 
-    .venv/bin/python benchmarks/lora_report.py [--steps 3000] [--lr 2e-3] [--images 50] [--prior 12] [--dataset balanced|curated|random] [--preserve SPEC] [--masked-loss] [--cfg 3] [--eval-set 1]
+    .venv/bin/python benchmarks/lora_report.py [--steps 3000] [--lr 2e-3] [--images 50] [--prior 12] [--dataset balanced|curated|random|stars] [--preserve SPEC] [--masked-loss] [--cfg 3] [--eval-set 1]
 """
 
 from __future__ import annotations
